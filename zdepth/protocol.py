@@ -1,0 +1,348 @@
+"""Wire protocol, version 1: the one module that broker, worker and clients all import.
+
+A message is a ZeroMQ multipart message. Frame 0 is a msgpack map (the header); every array
+or image travels as its own raw frame after it and is described in the header by
+``{"frame": i, "dtype": "float32", "shape": [...]}`` (i counts from the header, so the first
+frame after the header is 1). Arrays are never base64 and never pickled: received arrays are
+read-only ``np.frombuffer`` views on the ZeroMQ frame.
+
+Request/reply clients put an empty delimiter frame before the header (a REQ socket adds it
+itself; a DEALER client sends it), so any language's plain REQ socket can talk to the broker.
+The full specification for client writers is ``docs/protocol.md``; ``SCHEMA`` below is what
+the ``describe`` method returns and must agree with it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+
+# --- client methods -------------------------------------------------------------------------
+HEALTH = "health"
+DESCRIBE = "describe"
+STATS = "stats"
+POINTCLOUD = "pointcloud"
+METRIC_DEPTH = "metric_depth"
+REL_DEPTH = "rel_depth"
+
+PREDICT_METHODS = frozenset({POINTCLOUD, METRIC_DEPTH, REL_DEPTH})
+BROKER_METHODS = frozenset({HEALTH, DESCRIBE, STATS})
+METHODS = PREDICT_METHODS | BROKER_METHODS
+# Answered without a key even when auth is on (like the old API's GET /health).
+PUBLIC_METHODS = frozenset({HEALTH, DESCRIBE})
+
+# --- error codes (the complete, fixed set) --------------------------------------------------
+BAD_REQUEST = "bad_request"
+UNAUTHORIZED = "unauthorized"
+UNSUPPORTED_VERSION = "unsupported_version"
+UNKNOWN_METHOD = "unknown_method"
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+WORKER_LOST = "worker_lost"
+MODEL_UNAVAILABLE = "model_unavailable"
+INTERNAL = "internal"
+
+ERROR_CODES = {
+    BAD_REQUEST: "the request is malformed or a parameter is invalid; the message says which",
+    UNAUTHORIZED: "auth is on and the key is missing or wrong",
+    UNSUPPORTED_VERSION: "the header's `v` is not a protocol version this server speaks",
+    UNKNOWN_METHOD: "the method is not one of `describe`'s methods",
+    TOO_LARGE: "the message or image exceeds a size limit; the message names the limit",
+    RATE_LIMITED: "this key sent more requests than its rate limit allows; retry later",
+    OVERLOADED: "the wait queue is full or no worker can take the request; retry later",
+    TIMEOUT: "the request's deadline (`timeout_ms`) passed before a result was ready",
+    WORKER_LOST: "the worker computing the request died or hung; safe to retry",
+    MODEL_UNAVAILABLE: "the requested encoder/dataset has no checkpoint on the worker",
+    INTERNAL: "an unexpected server error; the message says what failed",
+}
+
+# Codes after which sending the same request again may succeed.
+RETRYABLE_CODES = frozenset({OVERLOADED, WORKER_LOST, TIMEOUT})
+
+# --- model names ----------------------------------------------------------------------------
+ENCODERS = ("vits", "vitb", "vitl", "vitg")
+DATASETS = ("hypersim", "vkitti", "relative")
+METRIC_DATASETS = ("hypersim", "vkitti")
+# The range each metric checkpoint was trained for: the default max_depth, in metres.
+DEFAULT_MAX_DEPTH = {"hypersim": 20.0, "vkitti": 80.0}
+DEFAULT_INPUT_SIZE = 518
+PATCH_SIZE = 14
+MIN_INPUT_SIZE = 4 * PATCH_SIZE  # 56
+MAX_INPUT_SIZE = 128 * PATCH_SIZE  # 1792
+IMAGE_FORMATS = ("jpeg", "png", "raw")
+OUTPUT_DTYPES = ("float32", "float16")
+
+# --- transport defaults ---------------------------------------------------------------------
+DEFAULT_PORT = 5555  # request/reply frontend (ROUTER)
+STREAM_PORT_OFFSET = 1  # camera ingress (PULL)
+PUB_PORT_OFFSET = 2  # stream results (PUB)
+BACKEND_PORT_OFFSET = 3  # workers (ROUTER)
+IMAGEZMQ_PORT_OFFSET = 4  # optional imagezmq ingress (REP)
+
+# --- broker <-> worker (backend) ------------------------------------------------------------
+# Frames after the worker's routing id: [WORKER_PROTOCOL, command, ...]
+WORKER_PROTOCOL = b"ZDW1"
+W_READY = b"\x01"  # worker -> broker: [.., msgpack{device, models, capacity, ...}]
+W_REQUEST = b"\x02"  # broker -> worker: [.., msgpack{t: ticket, budget_ms}, header, *frames]
+W_REPLY = b"\x03"  # worker -> broker: [.., msgpack{t: ticket}, header, *frames]
+W_HEARTBEAT = b"\x04"  # both ways: [..] or [.., msgpack{busy, served}] from the worker
+W_DISCONNECT = b"\x05"  # both ways: the peer should forget us (worker: re-register)
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3  # missed intervals before a silent peer counts as dead
+
+# --- limits ---------------------------------------------------------------------------------
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAY_DIMS = 4
+WIRE_DTYPES = frozenset({"uint8", "uint16", "int32", "float16", "float32", "float64"})
+STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+
+
+class ZDepthError(Exception):
+    """An error with one of the protocol's codes; the server sends it back as `error`."""
+
+    def __init__(self, code: str, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str) -> ZDepthError:
+    return ZDepthError(BAD_REQUEST, message)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes | memoryview) -> Any:
+    """Decode a small msgpack frame. Ext types (where other libraries hide pickle) are refused."""
+    if len(data) > MAX_HEADER_BYTES:
+        raise ZDepthError(TOO_LARGE, f"header frame is {len(data)} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except ZDepthError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise bad_request(f"header is not valid msgpack ({type(exc).__name__})") from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise bad_request(f"msgpack extension type {code} is not allowed")
+
+
+def describe_array(frame: int, array: np.ndarray) -> dict:
+    return {"frame": frame, "dtype": array.dtype.name, "shape": list(array.shape)}
+
+
+def pack(header: Mapping[str, Any], arrays: Optional[Mapping[str, np.ndarray]] = None) -> list:
+    """Header plus arrays -> frames. Each array becomes its own zero-copy frame, described
+    under ``header["arrays"][name]``. Send the result with ``send_multipart(..., copy=False)``."""
+    header = dict(header)
+    frames: list = [b""]
+    if arrays:
+        described = {}
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            if array.dtype.name not in WIRE_DTYPES:
+                raise ValueError(f"dtype {array.dtype} cannot go on the wire")
+            described[name] = describe_array(len(frames), array)
+            frames.append(memoryview(array).cast("B") if array.size else b"")
+        header["arrays"] = described
+    frames[0] = packb(header)
+    return frames
+
+
+def unpack(frames: Sequence) -> tuple[dict, dict[str, np.ndarray]]:
+    """Frames (header first) -> (header, arrays). The inverse of `pack`."""
+    header = decode_header(frames[0])
+    arrays = {}
+    described = header.get("arrays") or {}
+    if not isinstance(described, dict):
+        raise bad_request("`arrays` must be a map")
+    for name, desc in described.items():
+        arrays[name] = array_from_frames(desc, frames, what=f"array {name!r}")
+    return header, arrays
+
+
+def decode_header(frame: Any) -> dict:
+    header = unpackb(_buffer(frame))
+    if not isinstance(header, dict):
+        raise bad_request(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def _buffer(frame: Any) -> memoryview | bytes:
+    """bytes, or the zero-copy buffer of a zmq.Frame."""
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def frame_index(desc: Any, n_frames: int, what: str) -> int:
+    if not isinstance(desc, dict):
+        raise bad_request(f"{what} must be a map like {{frame, dtype, shape}}")
+    index = desc.get("frame")
+    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index < n_frames:
+        raise bad_request(f"{what}: `frame` must be an integer from 1 to {n_frames - 1}, got {index!r}")
+    return index
+
+
+def check_shape(shape: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= MAX_ARRAY_DIMS:
+        raise bad_request(f"{what}: `shape` must be a list of 1 to {MAX_ARRAY_DIMS} integers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise bad_request(f"{what}: `shape` must hold non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.ndarray:
+    """A read-only view of the frame `desc` points at, after checking dtype, shape and size."""
+    index = frame_index(desc, len(frames), what)
+    dtype = desc.get("dtype")
+    if dtype not in WIRE_DTYPES:
+        raise bad_request(f"{what}: `dtype` must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
+    shape = check_shape(desc.get("shape"), what)
+    buffer = _buffer(frames[index])
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if len(buffer) != expected:
+        raise bad_request(f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+# --- headers --------------------------------------------------------------------------------
+
+
+def request_header(method: str, id: Any = None, key: Optional[str] = None, timeout_ms: Optional[int] = None, **fields: Any) -> dict:
+    header = {"v": VERSION, "method": method, "id": id}
+    if key is not None:
+        header["key"] = key
+    if timeout_ms is not None:
+        header["timeout_ms"] = int(timeout_ms)
+    header.update({k: v for k, v in fields.items() if v is not None})
+    return header
+
+
+def ok_header(id: Any, **fields: Any) -> dict:
+    return {"v": VERSION, "id": id, "ok": True, **fields}
+
+
+def error_header(id: Any, code: str, message: str) -> dict:
+    if code not in ERROR_CODES:
+        code, message = INTERNAL, f"unknown error code {code!r}: {message}"
+    return {"v": VERSION, "id": id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def error_frames(id: Any, error: ZDepthError) -> list:
+    return [packb(error_header(id, error.code, error.message))]
+
+
+def safe_id(header: Any) -> Any:
+    """The correlation id to echo: only plain scalars, so a reply can always be encoded."""
+    if isinstance(header, dict):
+        value = header.get("id")
+        if value is None or isinstance(value, (int, str, bytes, float)) and not isinstance(value, bool):
+            if not isinstance(value, (str, bytes)) or len(value) <= 256:
+                return value
+    return None
+
+
+def check_envelope_header(header: dict) -> str:
+    """The checks every request passes before anything else: version and method. Returns the method."""
+    version = header.get("v")
+    if version != VERSION:
+        raise ZDepthError(UNSUPPORTED_VERSION, f"protocol version {version!r} is not supported; this server speaks v{VERSION}")
+    method = header.get("method")
+    if not isinstance(method, str):
+        raise bad_request("`method` must be a string")
+    if method not in METHODS:
+        raise ZDepthError(UNKNOWN_METHOD, f"unknown method {method!r}; methods are {sorted(METHODS)}")
+    timeout_ms = header.get("timeout_ms")
+    if timeout_ms is not None and (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool) or not 0 < timeout_ms <= 3_600_000):
+        raise bad_request(f"`timeout_ms` must be a number in (0, 3600000], got {timeout_ms!r}")
+    key = header.get("key")
+    if key is not None and not isinstance(key, str):
+        raise bad_request("`key` must be a string")
+    return method
+
+
+def split_envelope(frames: Sequence) -> tuple[list, list]:
+    """ROUTER frames -> (envelope up to and including the empty delimiter, body)."""
+    for i, frame in enumerate(frames):
+        if len(_buffer(frame)) == 0:
+            return list(frames[: i + 1]), list(frames[i + 1 :])
+        if i >= 8:  # no sane route is this deep
+            break
+    raise bad_request("no empty delimiter frame before the header")
+
+
+# --- the schema `describe` returns ----------------------------------------------------------
+
+_PREDICT_FIELDS = {
+    "image": {"type": "map", "required": "unless image_url", "doc": "{frame, format: jpeg|png|raw, shape: [H, W, 3] for raw, channels: bgr|rgb (raw only, default bgr)}"},
+    "image_url": {"type": "str", "doc": "http(s) URL fetched by the worker; only when the operator allows the host"},
+    "encoder": {"type": "str", "enum": list(ENCODERS), "default": "the server's --encoder"},
+    "dataset": {"type": "str", "enum": list(DATASETS), "default": "hypersim"},
+    "max_depth": {"type": "float", "doc": "> 0; default: 20 for hypersim, 80 for vkitti (metres)"},
+    "input_size": {"type": "int", "default": DEFAULT_INPUT_SIZE, "doc": f"multiple of {PATCH_SIZE} in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]"},
+    "output_dtype": {"type": "str", "enum": list(OUTPUT_DTYPES), "default": "float32"},
+}
+
+SCHEMA = {
+    "version": VERSION,
+    "common_fields": {
+        "v": {"type": "int", "required": True, "doc": f"protocol version, {VERSION}"},
+        "method": {"type": "str", "required": True},
+        "id": {"type": "int|str|null", "doc": "correlation id, echoed in the reply"},
+        "key": {"type": "str", "doc": "API key when auth is on (not needed for health/describe)"},
+        "timeout_ms": {"type": "number", "doc": "deadline from the broker's receipt; past it the reply is `timeout`"},
+    },
+    "methods": {
+        HEALTH: {"doc": "broker and worker status; no key needed", "fields": {}},
+        DESCRIBE: {"doc": "this schema; no key needed", "fields": {}},
+        STATS: {"doc": "counters, error counts by code, latency percentiles, queues, streams", "fields": {}},
+        METRIC_DEPTH: {
+            "doc": "metric depth in metres (Sigmoid x max_depth), arrays.depth float (H, W), plus min/max",
+            "fields": dict(_PREDICT_FIELDS, intrinsics={"type": "map", "doc": "optional {fx, fy, cx, cy}; ignored"}),
+        },
+        REL_DEPTH: {
+            "doc": "metric model with max_depth = 1.0 (depth / max_depth); dataset relative: the relative checkpoint's disparity",
+            "fields": _PREDICT_FIELDS,
+        },
+        POINTCLOUD: {
+            "doc": "arrays.points float (H*W, 3), row-major pixels, x right, y down, z forward; arrays.colors uint8 RGB when with_color",
+            "fields": dict(
+                _PREDICT_FIELDS,
+                intrinsics={"type": "map", "required": True, "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0"},
+                with_color={"type": "bool", "default": False},
+            ),
+        },
+    },
+    "reply": {
+        "ok": "bool",
+        "id": "the request's id",
+        "arrays": "map name -> {frame, dtype, shape}",
+        "min": "float", "max": "float",
+        "model": "str, e.g. vits_hypersim",
+        "worker": "str",
+        "timing": "map decode_ms, inference_ms, post_ms",
+        "error": "map {code, message} when ok is false",
+    },
+    "error_codes": ERROR_CODES,
+}
+
+
+def check_stream_name(name: Any) -> str:
+    if not isinstance(name, str) or not STREAM_NAME.match(name):
+        raise bad_request("`stream` must be 1-64 characters from A-Z a-z 0-9 _ . : / -")
+    return name
+
