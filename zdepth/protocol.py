@@ -177,13 +177,13 @@ def unpack(frames: Sequence) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def decode_header(frame: Any) -> dict:
-    header = unpackb(_buffer(frame))
+    header = unpackb(frame_buffer(frame))
     if not isinstance(header, dict):
         raise bad_request(f"header must be a msgpack map, got {type(header).__name__}")
     return header
 
 
-def _buffer(frame: Any) -> memoryview | bytes:
+def frame_buffer(frame: Any) -> memoryview | bytes:
     """bytes, or the zero-copy buffer of a zmq.Frame."""
     return frame.buffer if hasattr(frame, "buffer") else frame
 
@@ -212,7 +212,7 @@ def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.nd
     if dtype not in WIRE_DTYPES:
         raise bad_request(f"{what}: `dtype` must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
     shape = check_shape(desc.get("shape"), what)
-    buffer = _buffer(frames[index])
+    buffer = frame_buffer(frames[index])
     expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(buffer) != expected:
         raise bad_request(f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}")
@@ -278,7 +278,7 @@ def check_envelope_header(header: dict) -> str:
 def split_envelope(frames: Sequence) -> tuple[list, list]:
     """ROUTER frames -> (envelope up to and including the empty delimiter, body)."""
     for i, frame in enumerate(frames):
-        if len(_buffer(frame)) == 0:
+        if len(frame_buffer(frame)) == 0:
             return list(frames[: i + 1]), list(frames[i + 1 :])
         if i >= 8:  # no sane route is this deep
             break

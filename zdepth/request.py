@@ -94,7 +94,7 @@ def check_image(header: Mapping[str, Any], frames: Sequence, max_pixels: int) ->
     fmt = desc.get("format")
     if fmt not in P.IMAGE_FORMATS:
         raise bad_request(f"`image.format` must be one of {list(P.IMAGE_FORMATS)}, got {fmt!r}")
-    size = len(P._buffer(frames[index]))
+    size = len(P.frame_buffer(frames[index]))
     if size == 0:
         raise bad_request("the image frame is empty")
     if fmt != "raw":

@@ -1,0 +1,250 @@
+"""`zdepth serve`, `zdepth broker` and `zdepth worker`: starting the pieces.
+
+`serve` is the embedded default: a broker in this process and one worker process per GPU
+(or N CPU workers), each started fresh with `python -m zdepth.cli worker` (never forked:
+CUDA and ZeroMQ contexts must not cross a fork) and restarted when it dies. The same
+broker and worker also run as separate commands on separate machines.
+
+Ports: `--port P` is the request/reply frontend; P+1 the camera ingress, P+2 the results
+PUB socket, P+3 the worker backend. The broker process never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+from . import protocol as P
+
+log = logging.getLogger("zdepth.serve")
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=P.DEFAULT_PORT, help="request/reply port; stream, pub and worker ports follow it")
+    parser.add_argument("--ipc", metavar="PATH", help="also serve requests on ipc://PATH (same-host clients, slightly faster)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accepted key (repeatable); prefer --api-key-file or $ZDEPTH_API_KEYS")
+    parser.add_argument("--api-key-file", metavar="FILE", help="key file: 'NAME KEY' or 'NAME sha256:HEX' per line; reloaded on change or SIGHUP")
+    parser.add_argument("--require-auth", action="store_true", help="every method but health/describe needs a valid key")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a worker before `overloaded`")
+    parser.add_argument("--timeout-ms", type=int, default=30_000, help="default request deadline")
+    parser.add_argument("--max-request-mb", type=float, default=32, help="larger requests are answered too_large")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    parser.add_argument("--hang-timeout", type=float, default=120.0, help="seconds one request may compute before its worker counts as hung")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--checkpoint-dir", default="checkpoints")
+    parser.add_argument("--encoder", default="vits", choices=P.ENCODERS, help="encoder when a request names none")
+    parser.add_argument("--preload", action="append", default=[], metavar="ENC:DATASET", help="load at start, e.g. vits:hypersim (repeatable)")
+    parser.add_argument("--max-models", type=int, default=2, help="resident models per worker (LRU)")
+    parser.add_argument("--max-batch", type=int, default=1, help="requests per forward pass (dynamic batching; >1 on GPUs)")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, help="torch threads per worker")
+    parser.add_argument("--random-weights", action="store_true", help="smoke runs without checkpoints; health says so")
+
+
+def broker_config(args: argparse.Namespace, expect_workers: int = 0):
+    from broker.broker import BrokerConfig
+    from .auth import KeyStore
+
+    frontends = [f"tcp://{args.host}:{args.port}"] + ([f"ipc://{args.ipc}"] if args.ipc else [])
+    return BrokerConfig(
+        frontends=frontends,
+        backend=f"tcp://{args.host}:{args.port + P.BACKEND_PORT_OFFSET}",
+        stream=f"tcp://{args.host}:{args.port + P.STREAM_PORT_OFFSET}",
+        pub=f"tcp://{args.host}:{args.port + P.PUB_PORT_OFFSET}",
+        keys=KeyStore(args.api_key, args.api_key_file),
+        require_auth=args.require_auth,
+        max_queue=args.max_queue,
+        default_timeout_ms=args.timeout_ms,
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels,
+        hang_timeout_s=args.hang_timeout,
+        expect_workers=expect_workers,
+    )
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from broker.broker import Broker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Broker(broker_config(args)).run()
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .worker import Worker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = Engine(
+        checkpoint_dir=args.checkpoint_dir,
+        device=args.device,
+        dtype=args.dtype,
+        max_models=args.max_models,
+        random_weights=args.random_weights,
+        default_encoder=args.encoder,
+        threads=args.threads,
+    )
+    for item in args.preload:
+        encoder, _, dataset = item.partition(":")
+        engine.model(encoder, dataset or "hypersim")
+    worker = Worker(
+        args.connect,
+        engine,
+        name=args.name,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        hang_timeout_s=args.hang_timeout,
+        max_image_pixels=args.max_image_pixels,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    worker.run()
+    return 0
+
+
+def _gpu_count() -> int:
+    """Counted in a child process so the broker process never imports torch."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True, text=True, timeout=120)
+        return int(out.stdout.strip() or 0)
+    except (subprocess.SubprocessError, ValueError):
+        return 0
+
+
+def worker_devices(device: str, workers: Optional[int]) -> list:
+    if device == "auto":
+        gpus = _gpu_count()
+        if gpus:
+            return [f"cuda:{i}" for i in range(gpus)][: workers or gpus]
+        device = "cpu"
+    return [device] * (workers or 1)
+
+
+class Supervisor:
+    """Keeps worker processes running: a worker that dies is started again, with backoff."""
+
+    def __init__(self, commands: list):
+        self.commands = commands
+        self.processes: list = [None] * len(commands)
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="zdepth-supervisor", daemon=True)
+
+    def start(self) -> None:
+        for i in range(len(self.commands)):
+            self._spawn(i)
+        self._thread.start()
+
+    def _spawn(self, i: int) -> None:
+        self.processes[i] = subprocess.Popen(self.commands[i])
+
+    def _watch(self) -> None:
+        backoff = [0.5] * len(self.commands)
+        while not self._stop.wait(0.2):
+            for i, process in enumerate(self.processes):
+                if process.poll() is None:
+                    continue
+                log.warning("worker %d (pid %d) exited with %s; restarting in %.1f s", i, process.pid, process.returncode, backoff[i])
+                if self._stop.wait(backoff[i]):
+                    return
+                backoff[i] = min(backoff[i] * 2, 10.0)
+                self.restarts += 1
+                self._spawn(i)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + 5.0
+        for process in self.processes:
+            if process is None:
+                continue
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def worker_command(args: argparse.Namespace, device: str, connect: str, index: int, threads: Optional[int]) -> list:
+    command = [sys.executable, "-m", "zdepth.cli", "worker", "--connect", connect, "--device", device, "--dtype", args.dtype,
+               "--checkpoint-dir", args.checkpoint_dir, "--encoder", args.encoder, "--max-models", str(args.max_models),
+               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--hang-timeout", str(args.hang_timeout),
+               "--max-image-pixels", str(args.max_image_pixels), "--name", f"worker-{index}-{device}", "--log-level", args.log_level]
+    for item in args.preload:
+        command += ["--preload", item]
+    if threads or args.threads:
+        command += ["--threads", str(args.threads or threads)]
+    if args.random_weights:
+        command.append("--random-weights")
+    return command
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from broker.broker import Broker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    devices = worker_devices(args.device, args.workers)
+    config = broker_config(args, expect_workers=len(devices))
+    broker = Broker(config)  # bind first, so workers find the backend
+    connect = config.backend.replace("0.0.0.0", "127.0.0.1").replace("tcp://*", "tcp://127.0.0.1")
+    cpu_workers = sum(d == "cpu" for d in devices)
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+    supervisor = Supervisor([worker_command(args, d, connect, i, threads if d == "cpu" else None) for i, d in enumerate(devices)])
+    supervisor.start()
+    log.info("serving on %s with %d worker(s): %s", ", ".join(config.frontends), len(devices), ", ".join(devices))
+    try:
+        broker.run()
+    finally:
+        supervisor.stop()
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    import json
+
+    from clients import DepthClient
+
+    with DepthClient(args.server, timeout=args.timeout) as client:
+        print(json.dumps(client.health(), indent=2, default=str))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the serving subcommands to the `zdepth` parser."""
+    serve = subparsers.add_parser("serve", help="broker + one worker per GPU (or N CPU workers) in one command")
+    add_broker_arguments(serve)
+    add_worker_arguments(serve)
+    serve.add_argument("--workers", type=int, help="worker processes (default: one per GPU, else 1 CPU worker)")
+    serve.set_defaults(func=run_serve)
+
+    broker = subparsers.add_parser("broker", help="the broker alone; workers connect to PORT+3")
+    add_broker_arguments(broker)
+    broker.set_defaults(func=run_broker)
+
+    worker = subparsers.add_parser("worker", help="one worker process for one device, connecting to a broker")
+    worker.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://gpu-host:5558")
+    worker.add_argument("--name", help="name shown in health (default host-pid)")
+    worker.add_argument("--hang-timeout", type=float, default=120.0, help="exit (status 3) when one compute call exceeds this")
+    worker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    worker.add_argument("--log-level", default="INFO")
+    add_worker_arguments(worker)
+    worker.set_defaults(func=run_worker)
+
+    health = subparsers.add_parser("health", help="ask a server for its health")
+    health.add_argument("--server", default=f"tcp://127.0.0.1:{P.DEFAULT_PORT}")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=run_health)
