@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
+import math
 import logging
 import os
 import signal
@@ -51,6 +53,8 @@ class BrokerConfig:
     backend: str = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.BACKEND_PORT_OFFSET}"
     stream: Optional[str] = None  # camera ingress (PULL)
     pub: Optional[str] = None  # stream results (PUB)
+    imagezmq: Optional[str] = None  # optional ingress for unchanged imagezmq senders (REP)
+    imagezmq_fields: dict = field(default_factory=lambda: {"method": P.METRIC_DEPTH})  # prediction fields for them
     keys: Optional[KeyStore] = None
     require_auth: bool = False
     max_queue: int = 64  # requests waiting for a worker; beyond it `overloaded` at once
@@ -145,8 +149,10 @@ class Broker:
         self.pub = self._socket(zmq.PUB, [config.pub], public=False) if config.pub else None
         if self.pub is not None:
             self.pub.setsockopt(zmq.SNDHWM, config.pub_hwm)
+        self.imagezmq = self._socket(zmq.REP, [config.imagezmq], public=True) if config.imagezmq else None
+        self._imagezmq_seq = collections.Counter()
         self.poller = zmq.Poller()
-        for sock in (self.frontend, self.backend, self.stream):
+        for sock in (self.frontend, self.backend, self.stream, self.imagezmq):
             if sock is not None:
                 self.poller.register(sock, zmq.POLLIN)
 
@@ -189,14 +195,23 @@ class Broker:
             self._drain(self.frontend, self._on_frontend)
         if self.stream is not None and self.stream in events:
             self._drain(self.stream, self._on_stream)
+        if self.imagezmq is not None and self.imagezmq in events:
+            self._drain(self.imagezmq, self._on_imagezmq, limit=1)  # REP: one request, one reply
         now = time.monotonic()
         self._tick(now)
         self._dispatch(now)
 
     def _poll_timeout_ms(self, max_wait_s: float) -> int:
+        """Sleep until the next heartbeat or the earliest deadline, so timeouts are answered on time."""
         now = time.monotonic()
         wake = min(self._next_heartbeat, now + max_wait_s)
-        return max(0, int((wake - now) * 1000))
+        for job in self.queue:
+            wake = min(wake, job.deadline)
+        for worker in self.workers.values():
+            for job in worker.inflight.values():
+                if not job.answered:
+                    wake = min(wake, job.deadline)
+        return max(0, math.ceil((wake - now) * 1000))
 
     def _drain(self, sock: zmq.Socket, handler, limit: int = 256) -> None:
         """Handle what is waiting on a socket, a bounded number at a time so no socket starves."""
@@ -300,30 +315,65 @@ class Broker:
     # --- stream ingress -------------------------------------------------------------------
 
     def _on_stream(self, frames: list) -> None:
-        now = time.monotonic()
         self.counters["stream_frames"] += 1
         name = None
         try:
             header = P.decode_header(frames[0])
             if isinstance(header.get("stream"), str) and P.STREAM_NAME.match(header["stream"]):
                 name = header["stream"]
-            method = P.check_envelope_header(header)
-            P.check_stream_name(header.get("stream"))
-            if method not in P.PREDICT_METHODS:
-                raise P.bad_request(f"streams carry prediction methods, not {method!r}")
-            key_name = self._authorize(header)
-            parse_predict(header, frames, max_pixels=self.config.max_image_pixels)
+            self._admit_stream_frame(header, frames)
         except P.ZDepthError as error:
-            self.counters["stream_rejected"] += 1
-            self.errors[error.code] += 1
-            self.streams.count_rejected(name)
-            return
+            self._reject_stream_frame(name, error)
+
+    def _on_imagezmq(self, frames: list) -> None:
+        """An unchanged imagezmq ImageSender (REQ/REP): JSON {msg, dtype, shape} or {msg} + jpg.
+
+        The sender's message text names the stream; the prediction fields come from the
+        broker's configuration, since imagezmq has no place for them (nor for a key: bind
+        this port only where the senders are trusted)."""
+        self.imagezmq.send(b"OK")  # the sender blocks until answered, whatever happens next
+        self.counters["imagezmq_frames"] += 1
+        name = None
+        try:
+            if len(frames) != 2 or len(frames[0]) > P.MAX_HEADER_BYTES:
+                raise P.bad_request("imagezmq messages are [json, image]")
+            try:
+                meta = json.loads(frames[0].bytes)
+            except ValueError:
+                raise P.bad_request("imagezmq metadata is not JSON") from None
+            if not isinstance(meta, dict):
+                raise P.bad_request("imagezmq metadata must be a JSON object")
+            name = P.STREAM_NAME_UNSAFE.sub("_", str(meta.get("msg") or "imagezmq"))[:64]
+            if "shape" in meta:
+                if meta.get("dtype") != "uint8":
+                    raise P.bad_request("imagezmq arrays must be uint8 BGR images")
+                image = {"frame": 1, "format": "raw", "shape": meta["shape"]}
+            else:
+                image = {"frame": 1, "format": "png" if frames[1].bytes[:4] == b"\x89PNG" else "jpeg"}
+            self._imagezmq_seq[name] += 1
+            header = dict(self.config.imagezmq_fields, v=P.VERSION, stream=name, seq=self._imagezmq_seq[name], t_capture=time.time(), image=image)
+            self._admit_stream_frame(header, [P.packb(header), frames[1]], authorized=True)
+        except P.ZDepthError as error:
+            self._reject_stream_frame(name, error)
+
+    def _admit_stream_frame(self, header: dict, frames: list, authorized: bool = False) -> None:
+        method = P.check_envelope_header(header)
+        name = P.check_stream_name(header.get("stream"))
+        if method not in P.PREDICT_METHODS:
+            raise P.bad_request(f"streams carry prediction methods, not {method!r}")
+        key_name = None if authorized else self._authorize(header)
+        parse_predict(header, frames, max_pixels=self.config.max_image_pixels)
         if self.streams.admit(name) is None:
-            self.counters["stream_rejected"] += 1
-            log.warning("stream table full (%d streams); frame of %r refused", self.config.max_streams, name)
-            return
+            raise P.ZDepthError(P.OVERLOADED, f"stream table full ({self.config.max_streams} streams)")
+        now = time.monotonic()
         job = Job(next(self.tickets), method, header, frames, float("inf"), now, stream=name, t_received=time.time(), key_name=key_name)
         self.streams.put(name, job, now)
+
+    def _reject_stream_frame(self, name: Optional[str], error: P.ZDepthError) -> None:
+        self.counters["stream_rejected"] += 1
+        self.errors[error.code] += 1
+        self.streams.count_rejected(name)
+        log.debug("stream frame of %r rejected: %s", name, error)
 
     def _publish(self, job: Job, header: dict, data: list) -> None:
         t_done = time.time()

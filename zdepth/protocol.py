@@ -102,6 +102,7 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAY_DIMS = 4
 WIRE_DTYPES = frozenset({"uint8", "uint16", "int32", "float16", "float32", "float64"})
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+STREAM_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/-]")
 
 
 class ZDepthError(Exception):
@@ -216,7 +217,9 @@ def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.nd
     expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(buffer) != expected:
         raise bad_request(f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    array.flags.writeable = False  # a view on the message: copy it to write
+    return array
 
 
 # --- headers --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ PUB socket, P+3 the worker backend. The broker process never imports torch.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import logging
 import os
@@ -38,6 +39,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-mb", type=float, default=32, help="larger requests are answered too_large")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     parser.add_argument("--hang-timeout", type=float, default=120.0, help="seconds one request may compute before its worker counts as hung")
+    parser.add_argument("--imagezmq", action="store_true", help="accept unchanged imagezmq senders (REQ/REP) on PORT+4; no keys there")
+    parser.add_argument("--imagezmq-fields", type=json.loads, default={"method": P.METRIC_DEPTH}, metavar="JSON",
+                        help='prediction fields for imagezmq streams, e.g. \'{"method": "metric_depth", "input_size": 518}\'')
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -64,6 +68,8 @@ def broker_config(args: argparse.Namespace, expect_workers: int = 0):
         backend=f"tcp://{args.host}:{args.port + P.BACKEND_PORT_OFFSET}",
         stream=f"tcp://{args.host}:{args.port + P.STREAM_PORT_OFFSET}",
         pub=f"tcp://{args.host}:{args.port + P.PUB_PORT_OFFSET}",
+        imagezmq=f"tcp://{args.host}:{args.port + P.IMAGEZMQ_PORT_OFFSET}" if args.imagezmq else None,
+        imagezmq_fields=args.imagezmq_fields,
         keys=KeyStore(args.api_key, args.api_key_file),
         require_auth=args.require_auth,
         max_queue=args.max_queue,
