@@ -1,0 +1,46 @@
+"""Depth Anything V2 network and checkpoint handling (imports torch; the worker's side only)."""
+
+from .checkpoints import (
+    CHECKPOINTS,
+    DATASETS,
+    DEFAULT_MAX_DEPTH,
+    CheckpointError,
+    CheckpointNotFound,
+    detect_encoder,
+    download_url,
+    find_checkpoint,
+    hf_config,
+    hf_dirname,
+    hf_to_official,
+    load_model,
+    load_state_dict,
+    official_filename,
+    official_to_hf,
+    save_hf,
+    save_official,
+)
+from .depth_anything_v2 import ENCODER_CONFIGS, DepthAnythingV2, interpolate_pos_embed, random_init_
+
+__all__ = [
+    "CHECKPOINTS",
+    "DATASETS",
+    "DEFAULT_MAX_DEPTH",
+    "ENCODER_CONFIGS",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "DepthAnythingV2",
+    "detect_encoder",
+    "download_url",
+    "find_checkpoint",
+    "hf_config",
+    "hf_dirname",
+    "hf_to_official",
+    "interpolate_pos_embed",
+    "load_model",
+    "load_state_dict",
+    "official_filename",
+    "official_to_hf",
+    "random_init_",
+    "save_hf",
+    "save_official",
+]
