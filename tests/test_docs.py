@@ -168,7 +168,8 @@ def test_schema_covers_methods_and_codes():
         assert {"image", "image_url"} <= set(fields)
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["intrinsics"].get("required") is True
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["encoder"]["enum"] == list(P.ENCODERS)
-    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["dataset"]["enum"] == list(P.DATASETS)
+    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["dataset"]["enum"] == list(P.METRIC_DATASETS)
+    assert P.SCHEMA["methods"][P.REL_DEPTH]["fields"]["dataset"]["enum"] == list(P.DATASETS)
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["output_dtype"]["enum"] == list(P.OUTPUT_DTYPES)
 
 
@@ -297,7 +298,7 @@ def test_schema_defaults_match_parse_predict():
 
 @pytest.mark.parametrize("field", ["encoder", "dataset", "output_dtype"])
 def test_schema_enums_are_exactly_what_parse_predict_accepts(field):
-    method = P.METRIC_DEPTH
+    method = P.REL_DEPTH  # the one method that takes every dataset
     enum = P.SCHEMA["methods"][method]["fields"][field]["enum"]
     base = {"v": 1, "method": method, "image": VALID["image"]}
     for value in enum:

@@ -143,9 +143,11 @@ def test_relative_dataset_gives_the_raw_relative_output(engine):
         raw = engine.model("vits", "relative")(torch.from_numpy(preprocess_exact(image, SIZE)))
     expected = postprocess(raw[0], 48, 64).numpy()
     np.testing.assert_allclose(disparity, expected, rtol=1e-4, atol=1e-5)
-    # max_depth does not scale the relative model's output.
-    result = engine.predict(P.REL_DEPTH, image, dataset="relative", max_depth=50.0, input_size=SIZE)
-    np.testing.assert_allclose(result.arrays["depth"], disparity, rtol=1e-6)
+    # max_depth has no meaning for disparity, and metric methods need a metric checkpoint
+    with pytest.raises(P.ZDepthError, match="max_depth"):
+        engine.predict(P.REL_DEPTH, image, dataset="relative", max_depth=50.0, input_size=SIZE)
+    with pytest.raises(P.ZDepthError, match="metric dataset"):
+        engine.predict(P.METRIC_DEPTH, image, dataset="relative", input_size=SIZE)
 
 
 def test_result_fields_and_float16_output(engine):

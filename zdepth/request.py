@@ -137,34 +137,44 @@ def default_max_depth(dataset: str) -> float:
     return P.DEFAULT_MAX_DEPTH.get(dataset, 1.0)
 
 
+def _field(header: Mapping[str, Any], name: str, default: Any) -> Any:
+    """A field's value; absent and nil both mean the default, as for every optional field."""
+    value = header.get(name)
+    return default if value is None else value
+
+
 def parse_predict(header: Mapping[str, Any], frames: Sequence, default_encoder: str = "vits", max_pixels: int = 4096 * 4096) -> PredictRequest:
     """Validate a prediction header (frames: header first). Raises ZDepthError(bad_request...)."""
     method = header.get("method")
-    if method not in P.PREDICT_METHODS:
-        raise P.ZDepthError(P.UNKNOWN_METHOD, f"{method!r} is not a prediction method")
+    if not isinstance(method, str) or method not in P.PREDICT_METHODS:  # a list is unhashable: check the type first
+        raise P.ZDepthError(P.UNKNOWN_METHOD, f"{P.short_repr(method)} is not a prediction method")
     image = check_image(header, frames, max_pixels)
     encoder = check_encoder(header.get("encoder") or default_encoder)
     dataset = check_dataset(header.get("dataset") or "hypersim")
-    input_size = check_input_size(header.get("input_size", P.DEFAULT_INPUT_SIZE))
-    if header.get("max_depth") is not None:
+    input_size = check_input_size(_field(header, "input_size", P.DEFAULT_INPUT_SIZE))
+    if dataset == "relative":
+        if method != P.REL_DEPTH:
+            raise bad_request(f"{method} needs a metric dataset (hypersim or vkitti): the relative checkpoint gives disparity, not depth")
+        if header.get("max_depth") is not None:
+            raise bad_request("`max_depth` has no meaning for dataset relative: its output is disparity-like, not metres")
+        max_depth = 1.0
+    elif method == P.REL_DEPTH:
+        max_depth = 1.0  # the old API's /rel_depth: the metric model with max_depth = 1
+    elif header.get("max_depth") is not None:
         max_depth = check_max_depth(header["max_depth"])
     else:
         max_depth = default_max_depth(dataset)
     intrinsics = None
     if method == P.POINTCLOUD:
-        if dataset == "relative":
-            raise bad_request("pointcloud needs a metric dataset (hypersim or vkitti): relative output is disparity, not depth")
         if header.get("intrinsics") is None:
             raise bad_request("pointcloud needs `intrinsics` {fx, fy, cx, cy}")
         intrinsics = check_intrinsics(header["intrinsics"])
     elif header.get("intrinsics") is not None:
         check_intrinsics(header["intrinsics"])
-    if method == P.REL_DEPTH and dataset != "relative":
-        max_depth = 1.0
-    output_dtype = header.get("output_dtype", "float32")
+    output_dtype = _field(header, "output_dtype", "float32")
     if output_dtype not in P.OUTPUT_DTYPES:
-        raise bad_request(f"`output_dtype` must be one of {list(P.OUTPUT_DTYPES)}, got {output_dtype!r}")
-    with_color = header.get("with_color", False)
+        raise bad_request(f"`output_dtype` must be one of {list(P.OUTPUT_DTYPES)}, got {P.short_repr(output_dtype)}")
+    with_color = _field(header, "with_color", False)
     if not isinstance(with_color, bool):
         raise bad_request("`with_color` must be true or false")
     return PredictRequest(method, image, encoder, dataset, input_size, max_depth, intrinsics, output_dtype, with_color)
