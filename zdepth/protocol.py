@@ -14,6 +14,7 @@ the ``describe`` method returns and must agree with it.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -100,6 +101,8 @@ HEARTBEAT_LIVENESS = 3  # missed intervals before a silent peer counts as dead
 # --- limits ---------------------------------------------------------------------------------
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAY_DIMS = 4
+MAX_ARRAY_DIM = (1 << 31) - 1  # per dimension: numpy refuses far larger ones, even of empty arrays
+MAX_FRAMES = 16  # frames in one request after the envelope: the header and a few data frames
 WIRE_DTYPES = frozenset({"uint8", "uint16", "int32", "float16", "float32", "float64"})
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 STREAM_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/-]")
@@ -118,6 +121,12 @@ class ZDepthError(Exception):
 
 def bad_request(message: str) -> ZDepthError:
     return ZDepthError(BAD_REQUEST, message)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr of a value from the wire, cut short: error messages must not echo 64 kB back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -201,8 +210,8 @@ def frame_index(desc: Any, n_frames: int, what: str) -> int:
 def check_shape(shape: Any, what: str) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= MAX_ARRAY_DIMS:
         raise bad_request(f"{what}: `shape` must be a list of 1 to {MAX_ARRAY_DIMS} integers")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise bad_request(f"{what}: `shape` must hold non-negative integers, got {shape!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_ARRAY_DIM for n in shape):
+        raise bad_request(f"{what}: `shape` must hold integers from 0 to {MAX_ARRAY_DIM}, got {short_repr(shape)}")
     return tuple(shape)
 
 
@@ -210,11 +219,11 @@ def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.nd
     """A read-only view of the frame `desc` points at, after checking dtype, shape and size."""
     index = frame_index(desc, len(frames), what)
     dtype = desc.get("dtype")
-    if dtype not in WIRE_DTYPES:
-        raise bad_request(f"{what}: `dtype` must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise bad_request(f"{what}: `dtype` must be one of {sorted(WIRE_DTYPES)}, got {short_repr(dtype)}")
     shape = check_shape(desc.get("shape"), what)
     buffer = frame_buffer(frames[index])
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: a huge shape cannot wrap to a small size
     if len(buffer) != expected:
         raise bad_request(f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}")
     array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -263,15 +272,15 @@ def check_envelope_header(header: dict) -> str:
     """The checks every request passes before anything else: version and method. Returns the method."""
     version = header.get("v")
     if version != VERSION:
-        raise ZDepthError(UNSUPPORTED_VERSION, f"protocol version {version!r} is not supported; this server speaks v{VERSION}")
+        raise ZDepthError(UNSUPPORTED_VERSION, f"protocol version {short_repr(version)} is not supported; this server speaks v{VERSION}")
     method = header.get("method")
     if not isinstance(method, str):
         raise bad_request("`method` must be a string")
     if method not in METHODS:
-        raise ZDepthError(UNKNOWN_METHOD, f"unknown method {method!r}; methods are {sorted(METHODS)}")
+        raise ZDepthError(UNKNOWN_METHOD, f"unknown method {short_repr(method)}; methods are {sorted(METHODS)}")
     timeout_ms = header.get("timeout_ms")
     if timeout_ms is not None and (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool) or not 0 < timeout_ms <= 3_600_000):
-        raise bad_request(f"`timeout_ms` must be a number in (0, 3600000], got {timeout_ms!r}")
+        raise bad_request(f"`timeout_ms` must be a number in (0, 3600000], got {short_repr(timeout_ms)}")
     key = header.get("key")
     if key is not None and not isinstance(key, str):
         raise bad_request("`key` must be a string")
@@ -290,6 +299,7 @@ def split_envelope(frames: Sequence) -> tuple[list, list]:
 
 # --- the schema `describe` returns ----------------------------------------------------------
 
+_METRIC_DATASET = {"type": "str", "enum": list(METRIC_DATASETS), "default": "hypersim"}
 _PREDICT_FIELDS = {
     "image": {"type": "map", "required": "unless image_url", "doc": "{frame, format: jpeg|png|raw, shape: [H, W, 3] for raw, channels: bgr|rgb (raw only, default bgr)}"},
     "image_url": {"type": "str", "doc": "http(s) URL fetched by the worker; only when the operator allows the host"},
@@ -315,7 +325,7 @@ SCHEMA = {
         STATS: {"doc": "counters, error counts by code, latency percentiles, queues, streams", "fields": {}},
         METRIC_DEPTH: {
             "doc": "metric depth in metres (Sigmoid x max_depth), arrays.depth float (H, W), plus min/max",
-            "fields": dict(_PREDICT_FIELDS, intrinsics={"type": "map", "doc": "optional {fx, fy, cx, cy}; ignored"}),
+            "fields": dict(_PREDICT_FIELDS, dataset=_METRIC_DATASET, intrinsics={"type": "map", "doc": "optional {fx, fy, cx, cy}; ignored"}),
         },
         REL_DEPTH: {
             "doc": "metric model with max_depth = 1.0 (depth / max_depth); dataset relative: the relative checkpoint's disparity",
@@ -325,6 +335,7 @@ SCHEMA = {
             "doc": "arrays.points float (H*W, 3), row-major pixels, x right, y down, z forward; arrays.colors uint8 RGB when with_color",
             "fields": dict(
                 _PREDICT_FIELDS,
+                dataset=_METRIC_DATASET,
                 intrinsics={"type": "map", "required": True, "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0"},
                 with_color={"type": "bool", "default": False},
             ),
