@@ -13,8 +13,10 @@ What changed for callers migrating from the HTTP API:
 - Results hold numpy arrays (`pointcloud`, `depth_map`) instead of base64 strings and PNG
   data URLs; `decode_pointcloud` still accepts the old base64 strings.
 
-Each function is a thin wrapper over `DepthClient`. One client per (endpoint, key) is cached
-and reused, so calling these in a loop does not reconnect.
+Each function is a thin wrapper over `DepthClient`. One client per (endpoint, key, CURVE
+keys) is cached and reused, so calling these in a loop does not reconnect. `server_key` and
+`client_keys` turn on CURVE encryption (see `clients.security`); a profile's own
+`server_key_file` / `client_key_file` are used when they are not given.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, DepthClient, DepthResult, ImageInput, Result, encode_array
 from .profiles import get_profile
+from .security import ClientKeysInput, KeyInput
 
 DEFAULT_SERVER = DEFAULT_ENDPOINT
 
@@ -58,11 +61,13 @@ def predict_pointcloud(
     dataset: Optional[str] = None,
     model_input_size: Optional[int] = None,
     timeout: Optional[float] = None,
+    server_key: Optional[KeyInput] = None,
+    client_keys: Optional[ClientKeysInput] = None,
 ) -> dict:
     """Point cloud, like ``POST /pc``: {pointcloud: float32 (H*W, 3), shape, min, max, model, timing}.
 
     Unset model options come from the server profile, then the server's defaults (input 518)."""
-    client, opts, timeout = _resolve(server, api_key, timeout, encoder=encoder, dataset=dataset, input_size=model_input_size)
+    client, opts, timeout = _resolve(server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size)
     result = client.pointcloud(image, camera_intrinsics, max_depth, timeout=timeout, **opts)
     return {"pointcloud": result.points, "shape": list(result.points.shape), **_summary(result)}
 
@@ -77,10 +82,12 @@ def predict_metric_depth(
     dataset: Optional[str] = None,
     model_input_size: Optional[int] = None,
     timeout: Optional[float] = None,
+    server_key: Optional[KeyInput] = None,
+    client_keys: Optional[ClientKeysInput] = None,
 ) -> dict:
     """Metric depth, like ``POST /metric_depth``: {depth_map: float32 (H, W) metres, shape, min,
     max, model, timing}. `camera_intrinsics` is accepted for compatibility; depth does not use it."""
-    client, opts, timeout = _resolve(server, api_key, timeout, encoder=encoder, dataset=dataset, input_size=model_input_size)
+    client, opts, timeout = _resolve(server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size)
     return _depth_dict(client.metric_depth(image, max_depth, timeout=timeout, **opts))
 
 
@@ -93,17 +100,25 @@ def predict_relative_depth(
     dataset: Optional[str] = None,
     model_input_size: Optional[int] = None,
     timeout: Optional[float] = None,
+    server_key: Optional[KeyInput] = None,
+    client_keys: Optional[ClientKeysInput] = None,
 ) -> dict:
     """Relative depth, like ``POST /rel_depth`` (max_depth = 1): same keys as `predict_metric_depth`.
     `camera_intrinsics` is accepted for compatibility and unused."""
-    client, opts, timeout = _resolve(server, api_key, timeout, encoder=encoder, dataset=dataset, input_size=model_input_size)
+    client, opts, timeout = _resolve(server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size)
     return _depth_dict(client.relative_depth(image, timeout=timeout, **opts))
 
 
-def get_health(server: str = DEFAULT_SERVER, api_key: Optional[str] = None, timeout: Optional[float] = None) -> dict:
+def get_health(
+    server: str = DEFAULT_SERVER,
+    api_key: Optional[str] = None,
+    timeout: Optional[float] = None,
+    server_key: Optional[KeyInput] = None,
+    client_keys: Optional[ClientKeysInput] = None,
+) -> dict:
     """Server status, like ``GET /health`` (no key needed): status, workers, queue, plus the old
     API's `device` and `models_loaded`, summarised over the workers."""
-    client, _, timeout = _resolve(server, api_key, timeout)
+    client, _, timeout = _resolve(server, api_key, timeout, server_key, client_keys)
     health = client.health(timeout=timeout)
     workers = [w for w in health.get("workers") or [] if isinstance(w, dict)]
     health.setdefault("device", ", ".join(sorted({str(w["device"]) for w in workers if "device" in w})) or None)
@@ -131,9 +146,18 @@ def _depth_dict(result: DepthResult) -> dict:
     return {"depth_map": result.depth, "shape": list(result.depth.shape), **_summary(result)}
 
 
-def _resolve(server: str, api_key: Optional[str], timeout: Optional[float], **model: Any) -> tuple[DepthClient, dict, float]:
+def _resolve(
+    server: str,
+    api_key: Optional[str],
+    timeout: Optional[float],
+    server_key: Optional[KeyInput] = None,
+    client_keys: Optional[ClientKeysInput] = None,
+    **model: Any,
+) -> tuple[DepthClient, dict, float]:
     """(cached client, model options, timeout) for an endpoint or a profile name; explicit
-    arguments win over the profile."""
+    arguments win over the profile (CURVE keys as a whole: an explicit `server_key`
+    replaces the profile's server and client keys)."""
+    curve = {"server_key": server_key, "client_keys": client_keys}
     if "://" in server:
         endpoint, key, options, default_timeout = server, api_key, {}, DEFAULT_TIMEOUT
     else:
@@ -141,17 +165,23 @@ def _resolve(server: str, api_key: Optional[str], timeout: Optional[float], **mo
         endpoint, options = profile.endpoint, dict(profile.model)
         key = api_key if api_key is not None else profile.key()
         default_timeout = profile.timeout or DEFAULT_TIMEOUT
+        if server_key is None and client_keys is None:
+            curve = profile.curve_options()
     options.update({k: v for k, v in model.items() if v is not None})
-    return _cached_client(endpoint, key), options, timeout if timeout is not None else default_timeout
+    return _cached_client(endpoint, key, **curve), options, timeout if timeout is not None else default_timeout
 
 
-def _cached_client(endpoint: str, key: Optional[str]) -> DepthClient:
+def _cached_client(
+    endpoint: str, key: Optional[str], server_key: Optional[KeyInput] = None, client_keys: Optional[ClientKeysInput] = None
+) -> DepthClient:
     global _clients_pid
     with _clients_lock:
         if _clients_pid != os.getpid():  # a forked child must not use its parent's sockets
             _clients.clear()
             _clients_pid = os.getpid()
-        client = _clients.get((endpoint, key))
+        # A (public, secret) list becomes a tuple, so it can be part of the cache key.
+        cache_key = (endpoint, key, server_key, tuple(client_keys) if isinstance(client_keys, list) else client_keys)
+        client = _clients.get(cache_key)
         if client is None:
-            client = _clients[(endpoint, key)] = DepthClient(endpoint, key=key)
+            client = _clients[cache_key] = DepthClient(endpoint, key=key, server_key=server_key, client_keys=client_keys)
         return client

@@ -37,6 +37,8 @@ from zdepth.geometry import unproject
 from zdepth.protocol import ZDepthError
 from zdepth.request import Intrinsics, check_intrinsics
 
+from .security import ClientKeysInput, KeyInput, curve_keys
+
 DEFAULT_ENDPOINT = f"tcp://127.0.0.1:{P.DEFAULT_PORT}"
 DEFAULT_TIMEOUT = 30.0
 
@@ -262,8 +264,10 @@ class DepthClient:
     its `timeout` answer still reaches us.
 
     `encoder`, `dataset` and `input_size` are defaults for every prediction; a call's own
-    options win. Safe to share between threads (calls are serialised); use one client per
-    thread to run requests concurrently.
+    options win. `server_key` / `client_keys` turn on CURVE encryption (see
+    `clients.security`); every socket the client makes, including the fresh ones of a
+    retry, uses the same keys. Safe to share between threads (calls are serialised); use
+    one client per thread to run requests concurrently.
     """
 
     def __init__(
@@ -276,6 +280,8 @@ class DepthClient:
         dataset: Optional[str] = None,
         input_size: Optional[int] = None,
         *,
+        server_key: Optional[KeyInput] = None,
+        client_keys: Optional[ClientKeysInput] = None,
         context: Optional[zmq.Context] = None,
     ):
         if not timeout > 0:
@@ -287,6 +293,7 @@ class DepthClient:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.defaults = {k: v for k, v in (("encoder", encoder), ("dataset", dataset), ("input_size", input_size)) if v is not None}
+        self._curve = curve_keys(server_key, client_keys)
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -419,13 +426,16 @@ class DepthClient:
                 time.sleep(max(0.0, min(_BACKOFF_S * 2**attempt, _BACKOFF_MAX_S, deadline - time.monotonic())))
             if last_error is not None:
                 raise last_error
-            raise Timeout(f"no reply from {self.endpoint} to {method} within {timeout:g} s ({tries} tries)")
+            hint = " (CURVE is on: a wrong server_key or a client key the server does not allow also looks like this)" if self._curve else ""
+            raise Timeout(f"no reply from {self.endpoint} to {method} within {timeout:g} s ({tries} tries){hint}")
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
+        if self._curve is not None:
+            self._curve.apply(socket)
         try:
             socket.connect(self.endpoint)
         except zmq.ZMQError:

@@ -6,6 +6,15 @@
       model: {encoder: vitl, dataset: hypersim, input_size: 518}
       timeout: 30
       description: the lab GPU box
+      server_key_file: certs/lab-server.key        # CURVE: the server's public certificate
+      client_key_file: certs/robot.key_secret      # optional: this client's certificate
+
+`server_key` (the server's public key inline, 40 Z85 characters) or `server_key_file` turns
+on CURVE encryption; `client_key_file` is needed when the server only admits listed clients
+(`--curve-clients`), otherwise each client makes a throwaway key pair. Relative certificate
+paths are relative to the servers.yaml they are written in. `curve_options()` gives these
+keys to the stream classes too:
+`CameraPublisher(ingress, stream="front", **profile.curve_options())`.
 
 The first file found is used (files are not merged): the `path` argument, then
 ``$ZDEPTH_SERVERS``, ``./servers.yaml``, ``~/.config/zdepth/servers.yaml``, and last the sample
@@ -27,7 +36,7 @@ from .client import DepthClient
 ENV_VAR = "ZDEPTH_SERVERS"
 SAMPLE = Path(__file__).with_name("servers.yaml")
 _MODEL_KEYS = ("encoder", "dataset", "input_size")
-_PROFILE_KEYS = {"endpoint", "api_key", "api_key_env", "model", "timeout", "description"}
+_PROFILE_KEYS = {"endpoint", "api_key", "api_key_env", "model", "timeout", "description", "server_key", "server_key_file", "client_key_file"}
 
 # Parsed files by (path, mtime, size): the api functions resolve a profile on every call,
 # and re-parsing YAML each time would cost more than the request's own wire time.
@@ -43,6 +52,9 @@ class Profile:
     model: dict = field(default_factory=dict)  # encoder, dataset, input_size
     timeout: Optional[float] = None
     description: str = ""
+    server_key: Optional[str] = None  # the server's public key, Z85
+    server_key_file: Optional[Path] = None  # or its public certificate file
+    client_key_file: Optional[Path] = None  # this client's NAME.key_secret
 
     def key(self) -> Optional[str]:
         """The API key: `api_key`, or `$api_key_env` read now (so a rotated key is picked up)."""
@@ -53,9 +65,16 @@ class Profile:
             raise ValueError(f"profile {self.name!r} reads its API key from ${self.api_key_env}, which is not set")
         return value
 
+    def curve_options(self) -> dict:
+        """`server_key` / `client_keys` keyword arguments for any client class; empty without CURVE."""
+        server_key = self.server_key or self.server_key_file
+        if server_key is None:
+            return {}
+        return {"server_key": server_key, "client_keys": self.client_key_file}
+
     def client_options(self) -> dict:
         """Keyword arguments for `DepthClient`."""
-        options = {"endpoint": self.endpoint, "key": self.key(), **self.model}
+        options = {"endpoint": self.endpoint, "key": self.key(), **self.model, **self.curve_options()}
         if self.timeout is not None:
             options["timeout"] = self.timeout
         return options
@@ -120,6 +139,13 @@ def _profile(path: Path, name: str, entry: Any) -> Profile:
     model = entry.get("model") or {}
     if not isinstance(model, dict) or set(model) - set(_MODEL_KEYS):
         raise ValueError(f"{where}: `model` must be a mapping with keys from {list(_MODEL_KEYS)}, got {model!r}")
+    for option in ("server_key", "server_key_file", "client_key_file"):
+        if entry.get(option) is not None and not isinstance(entry[option], str):
+            raise ValueError(f"{where}: `{option}` must be a string, got {entry[option]!r}")
+    if entry.get("server_key") is not None and entry.get("server_key_file") is not None:
+        raise ValueError(f"{where}: give `server_key` or `server_key_file`, not both")
+    if entry.get("client_key_file") is not None and entry.get("server_key") is None and entry.get("server_key_file") is None:
+        raise ValueError(f"{where}: `client_key_file` needs `server_key` or `server_key_file` (CURVE needs the server's public key)")
     timeout = entry.get("timeout")
     return Profile(
         name=name,
@@ -129,4 +155,14 @@ def _profile(path: Path, name: str, entry: Any) -> Profile:
         model={k: v for k, v in model.items() if v is not None},
         timeout=float(timeout) if timeout is not None else None,
         description=str(entry.get("description") or ""),
+        server_key=entry.get("server_key"),
+        server_key_file=_beside(path, entry.get("server_key_file")),
+        client_key_file=_beside(path, entry.get("client_key_file")),
     )
+
+
+def _beside(path: Path, value: Optional[str]) -> Optional[Path]:
+    """A certificate path from `path`'s file: `~` expanded, relative paths taken from its folder."""
+    if value is None:
+        return None
+    return path.parent / Path(value).expanduser()

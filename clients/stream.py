@@ -34,6 +34,7 @@ from zdepth import protocol as P
 from zdepth.protocol import ZDepthError
 
 from .client import ImageInput, ServerError, check_channels, encode_array, image_message, intrinsics_dict
+from .security import ClientKeysInput, KeyInput, curve_keys
 
 DEFAULT_INGRESS = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.STREAM_PORT_OFFSET}"
 DEFAULT_RESULTS = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.PUB_PORT_OFFSET}"
@@ -65,6 +66,7 @@ class CameraPublisher:
     fixed per stream. `jpeg_quality` (1-95) JPEG-encodes numpy frames with PIL before sending:
     ~20x fewer bytes, for Wi-Fi links; without it frames go raw (no encode cost, best on a
     LAN or the same host). `channels` is the order of numpy frames (OpenCV gives bgr).
+    `server_key` / `client_keys` turn on CURVE encryption, as for `DepthClient`.
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class CameraPublisher:
         jpeg_quality: Optional[int] = None,
         *,
         channels: str = "bgr",
+        server_key: Optional[KeyInput] = None,
+        client_keys: Optional[ClientKeysInput] = None,
         context: Optional[zmq.Context] = None,
     ):
         if method not in P.PREDICT_METHODS:
@@ -91,6 +95,7 @@ class CameraPublisher:
             P.check_stream_name(stream)
         except ZDepthError as exc:
             raise ValueError(exc.message) from None
+        curve = curve_keys(server_key, client_keys)
         self.endpoint = endpoint
         self.stream = stream
         self.jpeg_quality = jpeg_quality
@@ -112,6 +117,8 @@ class CameraPublisher:
         # While the connection is still being made (or the broker restarts) at most this many
         # frames wait in the pipe; the rest are dropped here, and the broker keeps the newest.
         self._socket.setsockopt(zmq.SNDHWM, _PUSH_HWM)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(endpoint)
 
     def __enter__(self) -> "CameraPublisher":
@@ -245,11 +252,21 @@ class DepthSubscriber:
 
     `streams`: the stream names to receive (None: all). ZeroMQ subscriptions match prefixes
     ("cam1" also matches "cam10"), so topics are also checked for equality here.
+    `server_key` / `client_keys` turn on CURVE encryption, as for `DepthClient`.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_RESULTS, streams: Union[str, Sequence[str], None] = None, *, context: Optional[zmq.Context] = None):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_RESULTS,
+        streams: Union[str, Sequence[str], None] = None,
+        *,
+        server_key: Optional[KeyInput] = None,
+        client_keys: Optional[ClientKeysInput] = None,
+        context: Optional[zmq.Context] = None,
+    ):
         if isinstance(streams, str):
             streams = [streams]
+        curve = curve_keys(server_key, client_keys)
         self.endpoint = endpoint
         self.streams = frozenset(streams) if streams else None
         self.received = 0
@@ -260,6 +277,8 @@ class DepthSubscriber:
         self._socket.setsockopt(zmq.RCVHWM, _SUB_HWM)
         for name in self.streams or [""]:
             self._socket.setsockopt(zmq.SUBSCRIBE, name.encode())
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(endpoint)
 
     def __enter__(self) -> "DepthSubscriber":
