@@ -5,12 +5,16 @@ slot holding only its newest frame; a new frame replaces the waiting one, which 
 as dropped. When a worker frees up it gets the slot that has waited longest (the time the
 slot first filled, kept across replacements, so a fast camera cannot jump ahead of a slow
 one and none starves).
+
+The stream table is bounded (`max_streams`). When it is full, a stream silent for
+`idle_s` with no frame waiting gives its place to the new one, so cameras that came and went
+(or junk stream names sent once) cannot lock real cameras out for good.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import collections
+from dataclasses import dataclass
 from typing import Any, Optional
 
 
@@ -24,7 +28,7 @@ class StreamStats:
     dropped_since_publish: int = 0
     last_latency_ms: Optional[float] = None
     last_seq: Optional[int] = None
-    last_seen: float = field(default_factory=time.time)
+    last_seen: float = 0.0  # monotonic
 
     def as_dict(self) -> dict:
         return {
@@ -47,34 +51,43 @@ class Pending:
 class StreamSlots:
     """Per-stream newest-frame slots with fair (longest-waiting-first) selection."""
 
-    def __init__(self, max_streams: int = 64):
+    def __init__(self, max_streams: int = 64, idle_s: float = 60.0):
         self.max_streams = max_streams
+        self.idle_s = idle_s
         self.stats: dict[str, StreamStats] = {}
+        self.totals: collections.Counter = collections.Counter()  # over all streams ever, for metrics
         self._pending: dict[str, Pending] = {}
 
-    def known(self, name: str) -> bool:
-        return name in self.stats
-
-    def admit(self, name: str) -> Optional[StreamStats]:
-        """Stats for a stream, creating it if there is room; None when the stream table is full."""
+    def admit(self, name: str, now: float) -> Optional[StreamStats]:
+        """Stats for a stream, creating it if there is room; None when the stream table is full
+        of streams that are still active."""
         stats = self.stats.get(name)
         if stats is None:
-            if len(self.stats) >= self.max_streams:
+            if len(self.stats) >= self.max_streams and not self._evict_idle(now):
                 return None
             stats = self.stats[name] = StreamStats()
-        stats.last_seen = time.time()
+        stats.last_seen = now
         return stats
+
+    def _evict_idle(self, now: float) -> bool:
+        idle = [n for n, st in self.stats.items() if n not in self._pending and now - st.last_seen >= self.idle_s]
+        if not idle:
+            return False
+        del self.stats[min(idle, key=lambda n: self.stats[n].last_seen)]
+        return True
 
     def put(self, name: str, job: Any, now: float) -> Optional[Any]:
         """Store the newest frame; returns the frame it replaced (now dropped), if any."""
         stats = self.stats[name]
         stats.frames_in += 1
+        self.totals["in"] += 1
         old = self._pending.get(name)
         if old is None:
             self._pending[name] = Pending(job, now)
             return None
         old_job, old.job = old.job, job
         stats.dropped += 1
+        self.totals["dropped"] += 1
         stats.dropped_since_publish += 1
         return old_job
 
@@ -93,6 +106,7 @@ class StreamSlots:
 
     def record_result(self, name: str, latency_ms: Optional[float], seq: Any, ok: bool) -> int:
         """Count a finished frame; returns the number dropped since the previous result."""
+        self.totals["processed" if ok else "errors"] += 1
         stats = self.stats.get(name)
         if stats is None:
             return 0
@@ -106,6 +120,7 @@ class StreamSlots:
         return dropped
 
     def count_rejected(self, name: Optional[str]) -> None:
+        self.totals["rejected"] += 1
         stats = self.stats.get(name) if name else None
         if stats is not None:
             stats.rejected += 1

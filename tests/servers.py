@@ -108,7 +108,11 @@ class Server:
         args = ["serve", "--port", str(self.port), "--ipc", f"{tmp}/zdepth-{self.port}.ipc", "--device", "cpu",
                 "--workers", str(workers), "--checkpoint-dir", str(checkpoint_dir), "--threads", "1", "--log-level", "WARNING", *extra]
         self.process = Process(args, tmp / f"serve-{self.port}.log", env)
-        self.wait_ready(workers if wait_workers is None else wait_workers)
+        try:
+            self.wait_ready(workers if wait_workers is None else wait_workers)
+        except BaseException:
+            self.process.stop()  # never leave a server behind a failed fixture
+            raise
 
     def wait_ready(self, workers: int, timeout_s: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout_s

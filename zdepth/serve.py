@@ -23,6 +23,8 @@ import time
 from typing import Optional
 
 from . import protocol as P
+from .logs import FORMATS
+from .logs import configure as configure_logging
 
 log = logging.getLogger("zdepth.serve")
 
@@ -37,12 +39,24 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a worker before `overloaded`")
     parser.add_argument("--timeout-ms", type=int, default=30_000, help="default request deadline")
     parser.add_argument("--max-request-mb", type=float, default=32, help="larger requests are answered too_large")
-    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    parser.add_argument("--max-inflight-mb", type=float, default=1024,
+                        help="bytes of requests and camera frames held (queued or computing), all clients together; beyond it overloaded")
+    parser.add_argument("--max-client-inflight-mb", type=float, default=256,
+                        help="the same per client connection and per key name; one request larger than this is too_large")
+    parser.add_argument("--rate-limit", type=float, default=0.0, metavar="RPS",
+                        help="requests/s per key name (per client connection without auth); beyond it rate_limited. 0 (default): off")
+    parser.add_argument("--rate-burst", type=int, metavar="N", help="requests a key may send at once above its rate (default: max(1, RPS))")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="raw shapes (broker) and decoded JPEG/PNG sizes (worker) above it are too_large")
+    parser.add_argument("--curve-secret-file", metavar="FILE", help="encrypt the client-facing sockets with CURVE: the server's NAME.key_secret (zdepth keygen)")
+    parser.add_argument("--curve-clients", metavar="DIR", help="with CURVE, only clients whose public NAME.key is in DIR may connect (reloaded on SIGHUP)")
+    parser.add_argument("--curve-allow-any", action="store_true", help="with CURVE, any client knowing the server's public key may connect (encryption only)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics (needs prometheus_client)")
     parser.add_argument("--hang-timeout", type=float, default=120.0, help="seconds one request may compute before its worker counts as hung")
     parser.add_argument("--imagezmq", action="store_true", help="accept unchanged imagezmq senders (REQ/REP) on PORT+4; no keys there")
     parser.add_argument("--imagezmq-fields", type=json.loads, default={"method": P.METRIC_DEPTH}, metavar="JSON",
                         help='prediction fields for imagezmq streams, e.g. \'{"method": "metric_depth", "input_size": 518}\'')
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text", choices=FORMATS, help="text: key=value lines; json: one object per line")
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +70,24 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, help="torch threads per worker")
     parser.add_argument("--random-weights", action="store_true", help="smoke runs without checkpoints; health says so")
+    # image_url fetching is off unless hosts are allowed: a URL makes the server connect where the caller says.
+    parser.add_argument("--allow-url-host", action="append", default=[], metavar="HOST",
+                        help="fetch image_url from HOST (exact name or IP, or *.domain for its subdomains; repeatable). Default: image_url refused")
+    parser.add_argument("--allow-private-urls", action="store_true", help="let allowed hosts resolve to private/loopback/link-local addresses")
+    parser.add_argument("--url-max-mb", type=float, default=20.0, help="largest image_url download, MiB (default: %(default)s)")
+    parser.add_argument("--url-timeout", type=float, default=5.0, help="seconds for a whole image_url download, redirects included (default: %(default)s)")
 
 
 def broker_config(args: argparse.Namespace, expect_workers: int = 0):
     from broker.broker import BrokerConfig
+    from broker.security import CurveConfig
     from .auth import KeyStore
+
+    curve = None
+    if args.curve_secret_file:
+        curve = CurveConfig(args.curve_secret_file, args.curve_clients, args.curve_allow_any)
+    elif args.curve_clients or args.curve_allow_any:
+        raise ValueError("--curve-clients and --curve-allow-any need --curve-secret-file")
 
     frontends = [f"tcp://{args.host}:{args.port}"] + ([f"ipc://{args.ipc}"] if args.ipc else [])
     return BrokerConfig(
@@ -75,25 +102,37 @@ def broker_config(args: argparse.Namespace, expect_workers: int = 0):
         max_queue=args.max_queue,
         default_timeout_ms=args.timeout_ms,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_inflight_bytes=int(args.max_inflight_mb * 1024 * 1024),
+        max_client_inflight_bytes=int(args.max_client_inflight_mb * 1024 * 1024),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
         max_image_pixels=args.max_image_pixels,
         hang_timeout_s=args.hang_timeout,
         expect_workers=expect_workers,
+        curve=curve,
+        metrics_host=args.host,
+        metrics_port=args.metrics_port,
     )
 
 
 def run_broker(args: argparse.Namespace) -> int:
     from broker.broker import Broker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     Broker(broker_config(args)).run()
     return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
     from .engine import Engine
+    from .fetch import UrlFetcher
     from .worker import Worker
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fetch_url = None  # checked before the models load, so a bad --allow-url-host fails at once
+    if args.allow_url_host:
+        fetch_url = UrlFetcher(args.allow_url_host, args.allow_private_urls, int(args.url_max_mb * 1024 * 1024), args.url_timeout)
+        log.info("image_url fetching on: %r", fetch_url)
     engine = Engine(
         checkpoint_dir=args.checkpoint_dir,
         device=args.device,
@@ -114,9 +153,12 @@ def run_worker(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         hang_timeout_s=args.hang_timeout,
         max_image_pixels=args.max_image_pixels,
+        fetch_url=fetch_url,
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    if hasattr(signal, "SIGHUP"):  # SIGHUP reloads the broker's keys; one sent to the whole process group must not kill workers
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker.run()
     return 0
 
@@ -196,13 +238,18 @@ def worker_command(args: argparse.Namespace, device: str, connect: str, index: i
         command += ["--threads", str(args.threads or threads)]
     if args.random_weights:
         command.append("--random-weights")
+    for host in args.allow_url_host:
+        command += ["--allow-url-host", host]
+    if args.allow_private_urls:
+        command.append("--allow-private-urls")
+    command += ["--url-max-mb", str(args.url_max_mb), "--url-timeout", str(args.url_timeout)]
     return command
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from broker.broker import Broker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     devices = worker_devices(args.device, args.workers)
     config = broker_config(args, expect_workers=len(devices))
     broker = Broker(config)  # bind first, so workers find the backend
