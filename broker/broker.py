@@ -289,7 +289,7 @@ class Broker:
             raise P.ZDepthError(P.OVERLOADED, f"{len(self.queue)} requests are already waiting (limit {self.config.max_queue}, --max-queue); retry later")
         owners = (client, ("key", job.key_name)) if job.key_name else (client,)
         self.budget.reserve(owners, size)
-        job.size, job.owners, job.frames = size, owners, body
+        job.size, job.owners, job.frames = size, owners, _without_key(job.header, body)
         job.ticket = next(self.tickets)
         job.deadline = now + (job.header.get("timeout_ms") or self.config.default_timeout_ms) / 1000.0
         self.queue.append(job)
@@ -400,7 +400,7 @@ class Broker:
             raise P.ZDepthError(P.OVERLOADED, f"stream table full ({self.config.max_streams} active streams)")
         owners = (("key", key_name),) if key_name else ()
         self.budget.reserve(owners, size)
-        job = Job(method, header, now, stream=name, frames=frames, ticket=next(self.tickets), key_name=key_name,
+        job = Job(method, header, now, stream=name, frames=_without_key(header, frames), ticket=next(self.tickets), key_name=key_name,
                   size=size, owners=owners, t_received=time.time())
         replaced = self.streams.put(name, job, now)
         if replaced is not None:
@@ -491,8 +491,8 @@ class Broker:
             meta = None
         ticket = meta.get("t") if isinstance(meta, dict) else None
         job = worker.inflight.pop(ticket, None) if isinstance(ticket, int) else None
-        if job is None:
-            self.metrics.count("late_replies" if isinstance(ticket, int) else "malformed_worker")  # answered (deadline), or garbage
+        if job is None or job.answered:
+            self.metrics.count("malformed_worker" if job is None else "late_replies")  # garbage, or answered at its deadline
             return
         worker.served += 1
         try:
@@ -683,3 +683,11 @@ def _seq(header: Optional[dict]) -> Optional[int]:
     PUB socket, so nothing else a camera sends may ride along."""
     seq = header.get("seq") if isinstance(header, dict) else None
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _without_key(header: dict, frames: list) -> list:
+    """The frames to pass to a worker: a key never leaves the broker, so the header frame is
+    re-packed without it (a few microseconds; the data frames still pass untouched)."""
+    if "key" not in header:
+        return frames
+    return [P.packb({name: value for name, value in header.items() if name != "key"}), *frames[1:]]

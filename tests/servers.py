@@ -76,7 +76,7 @@ class Process:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "zdepth.cli", *args], stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "zdepth", *args], stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]

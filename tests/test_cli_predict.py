@@ -11,7 +11,7 @@ import pytest
 from zdepth.geometry import read_ply
 from zdepth.images import encode_jpeg, encode_png
 
-ZDEPTH = [sys.executable, "-m", "zdepth.cli"]
+ZDEPTH = [sys.executable, "-m", "zdepth"]
 SCRIPT = Path(sys.executable).with_name("zdepth")  # the console script setup.cfg installs
 
 

@@ -193,5 +193,5 @@ def test_curve_off_still_plain(tmp_path):
 def test_bad_curve_flags_fail_at_start(keys, flags, message):
     flags = [f.format(public=keys["root"] / "server" / "server.key", secret=keys["server_secret"]) for f in flags]
     port = free_port_block(5)
-    out = subprocess.run([sys.executable, "-m", "zdepth.cli", "broker", "--port", str(port), *flags], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "zdepth", "broker", "--port", str(port), *flags], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and message in out.stderr + out.stdout

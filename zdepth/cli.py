@@ -5,7 +5,7 @@ A sub-command is an `add_<name>(commands)` function that adds its parser and set
 engine inside itself, so that `import zdepth.cli` (and `zdepth --help`) stays light. Errors
 that are the user's to fix print one message on stderr and exit 2, without a traceback.
 
-Also runnable as `python -m zdepth.cli`.
+Also runnable as `python -m zdepth` (see `zdepth/__main__.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ USER_ERRORS = (
     ("zdepth.engine", "ConfigError"),
     ("zdepth.model.checkpoints", "CheckpointError"),
     ("zdepth.weights", "DownloadError"),
+    ("zdepth.keys_cli", "KeysError"),
 )
 
 
@@ -204,6 +205,3 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

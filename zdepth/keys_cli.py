@@ -16,12 +16,10 @@ Revoking a key is deleting its line; the server reloads the file the same way.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
 from .auth import hashed_line, new_key, parse_key_file
 
@@ -34,37 +32,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     keygen = commands.add_parser("keygen", help="write a CURVE certificate pair (NAME.key, NAME.key_secret)")
     keygen.add_argument("name", metavar="NAME", help="certificate name: letters, digits, '_', '.', '-'")
     keygen.add_argument("--dir", default=".", help="folder for the two files (created mode 0700 if missing; default: the current one)")
-    keygen.set_defaults(func=_user_errors(cmd_keygen))
+    keygen.set_defaults(func=cmd_keygen)
 
     keys = commands.add_parser("keys", help="manage API keys in a hashed key file")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="make a key, store its hash, print the key once")
     add.add_argument("name", metavar="NAME", help="who holds the key; shown in logs and stats instead of the key")
     add.add_argument("--file", required=True, help="the server's --api-key-file (created mode 0600 if missing)")
-    add.set_defaults(func=_user_errors(cmd_keys_add))
+    add.set_defaults(func=cmd_keys_add)
     listing = actions.add_parser("list", help="the key names in a key file")
     listing.add_argument("--file", required=True)
-    listing.set_defaults(func=_user_errors(cmd_keys_list))
+    listing.set_defaults(func=cmd_keys_list)
 
 
 class KeysError(Exception):
-    """A mistake the user fixes (a bad name, a file in the way): one line on stderr, exit 2."""
-
-
-def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report `KeysError` like `zdepth.cli` reports its own user errors. Done here rather than
-    by raising `cli.CommandError`: under `python -m zdepth.cli` that module runs as __main__,
-    and an imported `zdepth.cli.CommandError` would be a different class."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except KeysError as exc:
-            print(f"zdepth: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
+    """A mistake the user fixes (a bad name, a file in the way): `zdepth` prints it in one
+    line and exits 2 (it is listed in `zdepth.cli.USER_ERRORS`)."""
 
 
 def _check_name(name: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import msgpack
 import numpy as np
@@ -57,7 +57,7 @@ ERROR_CODES = {
     UNKNOWN_METHOD: "the method is not one of `describe`'s methods",
     TOO_LARGE: "the message or image exceeds a size limit; the message names the limit",
     RATE_LIMITED: "this key sent more requests than its rate limit allows; retry later",
-    OVERLOADED: "the wait queue is full or no worker can take the request; retry later",
+    OVERLOADED: "the wait queue, the byte budget or the stream table is full; retry later",
     TIMEOUT: "the request's deadline (`timeout_ms`) passed before a result was ready",
     WORKER_LOST: "the worker computing the request died or hung; safe to retry",
     MODEL_UNAVAILABLE: "the requested encoder/dataset has no checkpoint on the worker",
@@ -93,7 +93,7 @@ WORKER_PROTOCOL = b"ZDW1"
 W_READY = b"\x01"  # worker -> broker: [.., msgpack{device, models, capacity, ...}]
 W_REQUEST = b"\x02"  # broker -> worker: [.., msgpack{t: ticket, budget_ms}, header, *frames]
 W_REPLY = b"\x03"  # worker -> broker: [.., msgpack{t: ticket}, header, *frames]
-W_HEARTBEAT = b"\x04"  # both ways: [..] or [.., msgpack{busy, served}] from the worker
+W_HEARTBEAT = b"\x04"  # both ways: [..] from the broker, [.., msgpack{models, served}] from the worker
 W_DISCONNECT = b"\x05"  # both ways: the peer should forget us (worker: re-register)
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # missed intervals before a silent peer counts as dead
@@ -348,7 +348,7 @@ SCHEMA = {
         "min": "float", "max": "float",
         "model": "str, e.g. vits_hypersim",
         "worker": "str",
-        "timing": "map decode_ms, inference_ms, post_ms",
+        "timing": "map decode_ms, pre_ms, inference_ms, post_ms",
         "error": "map {code, message} when ok is false",
     },
     "error_codes": ERROR_CODES,

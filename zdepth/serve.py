@@ -1,12 +1,13 @@
 """`zdepth serve`, `zdepth broker` and `zdepth worker`: starting the pieces.
 
 `serve` is the embedded default: a broker in this process and one worker process per GPU
-(or N CPU workers), each started fresh with `python -m zdepth.cli worker` (never forked:
+(or N CPU workers), each started fresh with `python -m zdepth worker` (never forked:
 CUDA and ZeroMQ contexts must not cross a fork) and restarted when it dies. The same
 broker and worker also run as separate commands on separate machines.
 
 Ports: `--port P` is the request/reply frontend; P+1 the camera ingress, P+2 the results
-PUB socket, P+3 the worker backend. The broker process never imports torch.
+PUB socket, P+3 the worker backend (on `--backend-host`, loopback by default), P+4 the
+optional imagezmq ingress. The broker process never imports torch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=P.DEFAULT_PORT, help="request/reply port; stream, pub and worker ports follow it")
     parser.add_argument("--ipc", metavar="PATH", help="also serve requests on ipc://PATH (same-host clients, slightly faster)")
+    parser.add_argument("--backend-host", default="127.0.0.1",
+                        help="interface for the worker port P+3 (default 127.0.0.1). Workers are trusted and the port has no "
+                             "authentication: open it (e.g. 0.0.0.0) only on a network where only your GPU hosts can reach it")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accepted key (repeatable); prefer --api-key-file or $ZDEPTH_API_KEYS")
     parser.add_argument("--api-key-file", metavar="FILE", help="key file: 'NAME KEY' or 'NAME sha256:HEX' per line; reloaded on change or SIGHUP")
     parser.add_argument("--require-auth", action="store_true", help="every method but health/describe needs a valid key")
@@ -92,7 +96,7 @@ def broker_config(args: argparse.Namespace, expect_workers: int = 0):
     frontends = [f"tcp://{args.host}:{args.port}"] + ([f"ipc://{args.ipc}"] if args.ipc else [])
     return BrokerConfig(
         frontends=frontends,
-        backend=f"tcp://{args.host}:{args.port + P.BACKEND_PORT_OFFSET}",
+        backend=f"tcp://{args.backend_host}:{args.port + P.BACKEND_PORT_OFFSET}",
         stream=f"tcp://{args.host}:{args.port + P.STREAM_PORT_OFFSET}",
         pub=f"tcp://{args.host}:{args.port + P.PUB_PORT_OFFSET}",
         imagezmq=f"tcp://{args.host}:{args.port + P.IMAGEZMQ_PORT_OFFSET}" if args.imagezmq else None,
@@ -228,7 +232,7 @@ class Supervisor:
 
 
 def worker_command(args: argparse.Namespace, device: str, connect: str, index: int, threads: Optional[int]) -> list:
-    command = [sys.executable, "-m", "zdepth.cli", "worker", "--connect", connect, "--device", device, "--dtype", args.dtype,
+    command = [sys.executable, "-m", "zdepth", "worker", "--connect", connect, "--device", device, "--dtype", args.dtype,
                "--checkpoint-dir", args.checkpoint_dir, "--encoder", args.encoder, "--max-models", str(args.max_models),
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--hang-timeout", str(args.hang_timeout),
                "--max-image-pixels", str(args.max_image_pixels), "--name", f"worker-{index}-{device}", "--log-level", args.log_level]

@@ -1,0 +1,84 @@
+"""Smoke tests for bench/: each benchmark runs end to end in --quick mode and writes its results.
+
+No timing is asserted (timing goals are measured by the benchmarks, never in unit tests); these
+only check that every benchmark still starts its processes, measures, and writes JSON (and a
+PNG where matplotlib is installed). Quick mode uses tiny images and 1-2 s windows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAVE_HTTP = all(importlib.util.find_spec(name) is not None for name in ("fastapi", "uvicorn", "httpx"))
+
+
+def run_bench(name: str, out_dir: Path, *extra: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--out-dir", str(out_dir), *extra],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"python -m bench {name} --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert "|---" in result.stdout, "no table printed"
+    document = json.loads((out_dir / f"{name}.json").read_text())
+    assert document["benchmark"] == name
+    assert document["machine"]["cpu_count"] >= 1
+    if HAVE_MATPLOTLIB:
+        assert (out_dir / f"{name}.png").stat().st_size > 0
+    return document
+
+
+def test_latency(tmp_path):
+    document = run_bench("latency", tmp_path)
+    paths = {(r["path"], r["transport"], r["method"]) for r in document["rows"]}
+    for transport in ("tcp", "ipc"):
+        for method in ("health", "metric_depth", "rel_depth", "pointcloud"):
+            assert ("zdepth", transport, method) in paths
+        assert ("floor", transport, "pointcloud") in paths
+    pointcloud = next(r for r in document["rows"] if r["path"] == "zdepth" and r["method"] == "pointcloud")
+    assert pointcloud["compute_p50"] > 0 and pointcloud["rt_p50"] >= pointcloud["compute_p50"]
+
+
+def test_overhead(tmp_path):
+    document = run_bench("overhead", tmp_path)
+    paths = {r["path"] for r in document["rows"]}
+    assert {"zdepth", "floor", "broker"} <= paths
+    assert {r["variant"] for r in document["rows"]} >= {"float16", "unproject_locally"}
+    if HAVE_HTTP:
+        assert {"http-json", "http-binary"} <= paths
+        assert all(g["met"] is not None for g in document["goals"])
+    else:
+        assert any("HTTP rows left out" in note for note in document["notes"])
+
+
+def test_throughput(tmp_path):
+    document = run_bench("throughput", tmp_path, "--workers", "1")
+    assert [r["clients"] for r in document["rows"]] == [1, 2]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in document["rows"])
+
+
+def test_scaling(tmp_path):
+    document = run_bench("scaling", tmp_path)
+    assert [r["workers"] for r in document["rows"]][:2] == [1, 2]
+    assert document["goals"] and document["goals"][0]["met"] is not None
+
+
+def test_stream(tmp_path):
+    document = run_bench("stream", tmp_path)
+    assert [(r["cameras"], r["fps"]) for r in document["runs"]] == [(1, 30), (3, 30), (1, 30)]
+    for run in document["runs"]:
+        assert run["results"] > 0
+        assert run["offered"] >= run["results"]
+
+
+def test_served_vs_bare_on_cpu(monkeypatch):
+    """The function bench/gpu.py calls on CUDA machines, on the CPU with a tiny model input."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.latency import served_vs_bare
+
+    result = served_vs_bare(device="cpu", dtype="fp32", iterations=2, input_size=56, threads=1)
+    paths = {(r["path"], r["transport"]) for r in result["rows"]}
+    assert paths >= {("zdepth", "tcp"), ("zdepth", "ipc"), ("floor", "tcp"), ("floor", "ipc")}
