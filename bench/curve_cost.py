@@ -33,7 +33,7 @@ class Serve(Child):
         port = free_port_block(5)
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.keys = keys
-        argv = [sys.executable, "-m", "zdepth.cli", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
+        argv = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
                 "--random-weights", "--log-level", "WARNING", *flags]
         super().__init__(f"{name}-{port}", argv, workdir)
         self.wait_until(self._ready, 180, "serving")

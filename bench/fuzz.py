@@ -540,7 +540,7 @@ def main(argv: Optional[list] = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="zdepth-fuzz-") as tmp:
             port = free_port_block(5)
-            argv_serve = [sys.executable, "-m", "zdepth.cli", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
+            argv_serve = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
                           "--random-weights", "--log-level", "ERROR"]
             with Child(f"zdepth-serve-{port}", argv_serve, Path(tmp)) as server:
                 endpoint = f"tcp://127.0.0.1:{port}"

@@ -112,7 +112,7 @@ class Cluster:
 
     def _child(self, name: str, args: list) -> Child:
         self.starts[name] += 1
-        return Child(f"{name}-{self.starts[name]}", [sys.executable, "-m", "zdepth.cli", *args, "--log-level", "WARNING"], self.workdir)
+        return Child(f"{name}-{self.starts[name]}", [sys.executable, "-m", "zdepth", *args, "--log-level", "WARNING"], self.workdir)
 
     def _start_broker(self) -> Child:
         return self._child("broker", ["broker", "--port", str(self.port)])

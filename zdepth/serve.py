@@ -132,7 +132,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from .fetch import UrlFetcher
     from .worker import Worker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     fetch_url = None  # checked before the models load, so a bad --allow-url-host fails at once
     if args.allow_url_host:
         fetch_url = UrlFetcher(args.allow_url_host, args.allow_private_urls, int(args.url_max_mb * 1024 * 1024), args.url_timeout)
@@ -235,7 +235,8 @@ def worker_command(args: argparse.Namespace, device: str, connect: str, index: i
     command = [sys.executable, "-m", "zdepth", "worker", "--connect", connect, "--device", device, "--dtype", args.dtype,
                "--checkpoint-dir", args.checkpoint_dir, "--encoder", args.encoder, "--max-models", str(args.max_models),
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--hang-timeout", str(args.hang_timeout),
-               "--max-image-pixels", str(args.max_image_pixels), "--name", f"worker-{index}-{device}", "--log-level", args.log_level]
+               "--max-image-pixels", str(args.max_image_pixels), "--name", f"worker-{index}-{device}", "--log-level", args.log_level,
+               "--log-format", args.log_format]
     for item in args.preload:
         command += ["--preload", item]
     if threads or args.threads:
@@ -298,6 +299,7 @@ def register(subparsers) -> None:
     worker.add_argument("--hang-timeout", type=float, default=120.0, help="exit (status 3) when one compute call exceeds this")
     worker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--log-format", default="text", choices=FORMATS)
     add_worker_arguments(worker)
     worker.set_defaults(func=run_worker)
 
