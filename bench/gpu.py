@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -90,8 +89,7 @@ def bench_served(iterations: int) -> dict:
         import zmq  # noqa: F401
     except ImportError:
         return {"skipped": "pyzmq not installed"}
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency import served_vs_bare  # the same code the CPU bench uses
+    from bench.latency import served_vs_bare  # the same code the CPU bench uses
 
     return served_vs_bare(device="cuda", dtype="fp16", iterations=iterations)
 
