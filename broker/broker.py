@@ -60,6 +60,7 @@ PUB_MAX_INBOUND_BYTES = 1024  # what a subscriber sends the PUB socket: subscrip
 class BrokerConfig:
     frontends: list = field(default_factory=lambda: [f"tcp://127.0.0.1:{P.DEFAULT_PORT}"])
     backend: str = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.BACKEND_PORT_OFFSET}"
+    local_backend: Optional[str] = None  # also bound: an ipc endpoint for workers on this host
     stream: Optional[str] = None  # camera ingress (PULL)
     pub: Optional[str] = None  # stream results (PUB)
     imagezmq: Optional[str] = None  # optional ingress for unchanged imagezmq senders (REP)
@@ -144,7 +145,7 @@ class Broker:
         frame_cap = 2 * config.max_request_bytes + MB
         self.frontend = self._socket(zmq.ROUTER, config.frontends, frame_cap)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.backend = self._socket(zmq.ROUTER, [config.backend], None)
+        self.backend = self._socket(zmq.ROUTER, [config.backend] + ([config.local_backend] if config.local_backend else []), None)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.stream = self._socket(zmq.PULL, [config.stream], frame_cap) if config.stream else None

@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -257,8 +258,10 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     devices = worker_devices(args.device, args.workers)
     config = broker_config(args, expect_workers=len(devices))
+    # Our own workers share this host: an ipc hop carries their multi-MB replies cheaper than tcp.
+    config.local_backend = f"ipc://{tempfile.gettempdir()}/zdepth-{args.port}-{os.getpid()}-workers.ipc"
     broker = Broker(config)  # bind first, so workers find the backend
-    connect = config.backend.replace("0.0.0.0", "127.0.0.1").replace("tcp://*", "tcp://127.0.0.1")
+    connect = config.local_backend
     cpu_workers = sum(d == "cpu" for d in devices)
     threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
     supervisor = Supervisor([worker_command(args, d, connect, i, threads if d == "cpu" else None) for i, d in enumerate(devices)])
