@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,32 +16,10 @@ from typing import Optional
 
 import zmq
 
+from bench.common import free_port_block  # noqa: F401  (re-exported for the tests)
 from zdepth import protocol as P
 
 TEST_INPUT_SIZE = 56  # the smallest legal input: keeps CPU forward passes in the tens of ms
-
-
-def free_port_block(count: int = 4) -> int:
-    """A base port whose `count` consecutive ports are free right now."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        try:
-            held = []
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                held.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def raw_request(endpoint: str, header: dict, frames: list = (), timeout_s: float = 10.0) -> tuple:
