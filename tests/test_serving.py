@@ -321,3 +321,27 @@ def test_error_reply_raises_server_error(client):
         client.metric_depth(image(), dataset="vkitti")
     assert info.value.code == P.MODEL_UNAVAILABLE
     assert "depth_anything_v2_metric_vkitti_vits.pth" in info.value.message and "zdepth weights get" in info.value.message
+
+
+def test_dynamic_batching_shares_one_forward_pass(tmp_path_factory, checkpoint_dir):
+    """A worker announcing capacity 4 gets concurrent requests at once and runs same-size
+    images in one forward pass: their replies carry the same inference time."""
+    srv = Server(tmp_path_factory.mktemp("batch"), checkpoint_dir, workers=1, extra=["--max-batch", "4", "--batch-wait-ms", "200"])
+    try:
+        assert srv.health()["workers"][0]["capacity"] == 4
+        img = image()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(srv.endpoint)
+        for i in range(4):
+            sock.send_multipart([b"", P.packb(predict_header(P.METRIC_DEPTH, id=i, image=raw_image_desc(img))), img.tobytes()])
+        timings = []
+        for _ in range(4):
+            assert sock.poll(60_000)
+            head = P.decode_header(sock.recv_multipart()[1])
+            assert head["ok"], head
+            timings.append(head["timing"]["inference_ms"])
+        sock.close()
+        assert len(set(timings)) < len(timings), f"no two requests shared a forward pass: {timings}"
+    finally:
+        srv.stop()
