@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
+    parser.add_argument("--channels-last", action="store_true", help="both models in channels_last memory format (as zdepth's engine runs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -56,8 +57,9 @@ def main() -> None:
         save_hf(ours, tmp)
         hf = transformers.DepthAnythingForDepthEstimation.from_pretrained(tmp).eval()
     hf.config.backbone_config._attn_implementation = args.attn
-    ours.to(device)
-    hf.to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    ours.to(device, memory_format=memory_format)
+    hf.to(device, memory_format=memory_format)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -88,7 +90,7 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     print(
-        f"\n{args.encoder}, fp32, batch 1, device {device}, torch threads {args.threads}, "
+        f"\n{args.encoder}, fp32, batch 1, device {device}, torch threads {args.threads}, {memory_format}, "
         f"transformers {transformers.__version__} ({args.attn} attention), torch {torch.__version__}, "
         f"{args.rounds} interleaved rounds, median (min) in ms\n"
     )
@@ -108,7 +110,7 @@ def main() -> None:
             f"| {ma / mb:7.3f} | {paired:6.3f}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"encoder": args.encoder, "device": str(device), "threads": args.threads,
+        args.json.write_text(json.dumps({"encoder": args.encoder, "device": str(device), "threads": args.threads, "channels_last": args.channels_last,
                                          "attn": args.attn, "rounds": args.rounds, "results": rows}, indent=2))
 
 

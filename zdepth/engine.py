@@ -212,6 +212,11 @@ class Engine:
             self._models.move_to_end(key)
             return self._models[key]
         model = self._load(encoder, dataset)
+        if self.device.type == "cpu":
+            # oneDNN's fast convolution layout, for the DPT head: about 9 % less forward time on
+            # the 2-core CPU at 518x686, outputs equal to 3e-6. On an H100 a quick run showed no
+            # gain (bf16 even slower), so GPUs keep the default layout.
+            model = model.to(memory_format=torch.channels_last)
         self._models[key] = model
         while len(self._models) > self.max_models:
             self._models.popitem(last=False)
