@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from zdepth import protocol as P
+from zdepth.compact import to_metres
 from zdepth.geometry import unproject
 from zdepth.protocol import ZDepthError
 from zdepth.request import Intrinsics, check_intrinsics
@@ -55,6 +56,16 @@ _BACKOFF_MAX_S = 1.0
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
 
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"))
+
+# The wire form clients ask for by default (docs/protocol.md 3.3): metric depth as uint16
+# counts of 1 mm, every array zstd-compressed (lossless).
+COMPACT_DEPTH = {"output_dtype": "uint16", "compression": "zstd"}
+
+
+def compact_defaults(method: str) -> dict:
+    """The default wire options for `method`: uint16 + zstd for metric depth; zstd alone for
+    relative depth and server-side clouds, which keep their float dtype."""
+    return dict(COMPACT_DEPTH) if method == P.METRIC_DEPTH else {"compression": COMPACT_DEPTH["compression"]}
 _CHANNELS = ("bgr", "rgb")
 
 
@@ -117,9 +128,15 @@ class Result:
 
 @dataclass(frozen=True, eq=False)
 class DepthResult(Result):
-    """`depth`: float (H, W), read-only view; metres for metric_depth, 0..1 for rel_depth."""
+    """`depth`: float32 (H, W), metres for metric_depth (0 = no valid depth), 0..1 for rel_depth,
+    whatever the wire form was. `counts`: the uint16 counts of `scale` metres as received
+    when the reply was uint16 (else None); `out_of_range`: pixels sent as 0 because they did
+    not fit in 1..65535 counts."""
 
     depth: np.ndarray = field(repr=False)
+    counts: Optional[np.ndarray] = field(default=None, repr=False)
+    scale: float = 1.0
+    out_of_range: int = 0
 
     @property
     def shape(self) -> tuple:
@@ -128,9 +145,10 @@ class DepthResult(Result):
 
 @dataclass(frozen=True, eq=False)
 class PointCloudResult(Result):
-    """`points`: float (H*W, 3), row-major pixel order, x right, y down, z forward (metres);
-    `colors`: uint8 RGB (H*W, 3) when asked for; `depth`: the (H, W) map when the points were
-    computed on the client (`unproject_locally=True`)."""
+    """`points`: float32 (H*W, 3), row-major pixel order, x right, y down, z forward (metres);
+    `colors`: uint8 RGB (H*W, 3) when asked for; `depth`: the (H, W) map the points were
+    rebuilt from when they were computed on the client (the default), else None. Pixels
+    without valid depth (count 0) give the point (0, 0, 0)."""
 
     points: np.ndarray = field(repr=False)
     colors: Optional[np.ndarray] = field(default=None, repr=False)
@@ -209,7 +227,10 @@ def encode_array(array: np.ndarray, format: str = "jpeg", channels: str = "bgr",
 
 
 def rgb_pixels(fields: Mapping[str, Any], frames: Sequence) -> np.ndarray:
-    """The colours of an image message as uint8 RGB (H*W, 3), for clouds computed on the client."""
+    """The colours of an image message as uint8 RGB (H*W, 3), pixel for pixel what the server's
+    decoder (OpenCV IMREAD_COLOR, `zdepth.images`) gives, for clouds computed on the client:
+    JPEG EXIF orientation applied, grey replicated, alpha dropped, 16-bit samples reduced to
+    their high byte. Encoded images need Pillow (the `image` extra)."""
     desc = fields.get("image")
     if desc is None:
         raise ValueError("colours need the image itself; an image_url cannot be coloured on the client")
@@ -217,10 +238,16 @@ def rgb_pixels(fields: Mapping[str, Any], frames: Sequence) -> np.ndarray:
         pixels = np.frombuffer(frames[0], dtype=np.uint8).reshape(desc["shape"])
         if desc["channels"] == "bgr":
             pixels = pixels[..., ::-1]
-    else:
-        from PIL import Image  # optional dependency: only needed to decode for colours
+        return np.ascontiguousarray(pixels).reshape(-1, 3)
+    from PIL import Image, ImageOps  # optional dependency: only needed to decode for colours
 
-        with Image.open(io.BytesIO(bytes(frames[0]))) as decoded:
+    with Image.open(io.BytesIO(bytes(frames[0]))) as decoded:
+        if decoded.format == "JPEG":
+            decoded = ImageOps.exif_transpose(decoded)  # OpenCV applies the orientation tag to JPEGs
+        if decoded.mode.startswith("I"):  # 16-bit grey: Pillow would clip to 255 where OpenCV keeps the high byte
+            grey = (np.asarray(decoded).astype(np.uint32) >> 8).astype(np.uint8)
+            pixels = np.repeat(grey[..., None], 3, axis=2)
+        else:
             pixels = np.asarray(decoded.convert("RGB"))
     return np.ascontiguousarray(pixels).reshape(-1, 3)
 
@@ -242,6 +269,19 @@ def intrinsics_dict(value: Any) -> dict:
         return dataclasses.asdict(check_intrinsics(value))
     except ZDepthError as exc:
         raise ValueError(exc.message) from None
+
+
+def depth_result(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> DepthResult:
+    """A `metric_depth` / `rel_depth` reply in any wire form -> `DepthResult` in float32."""
+    depth, desc = arrays["depth"], header["arrays"]["depth"]
+    counts = depth if depth.dtype == np.uint16 else None
+    return DepthResult(
+        depth=to_metres(depth, desc),
+        counts=counts,
+        scale=float(desc.get("scale", 1.0)),
+        out_of_range=int(header.get("out_of_range") or 0),
+        **Result.fields_from(header),
+    )
 
 
 def _public(header: Mapping[str, Any]) -> dict:
@@ -334,16 +374,23 @@ class DepthClient:
     def metric_depth(
         self, image: ImageInput, max_depth: Optional[float] = None, *, channels: str = "bgr", timeout: Optional[float] = None, **opts: Any
     ) -> DepthResult:
-        """Depth in metres (H, W). `max_depth` defaults to the dataset's range (20 m hypersim,
-        80 m vkitti). `opts`: encoder, dataset, input_size, output_dtype."""
-        header, arrays = self._predict(P.METRIC_DEPTH, image_message(image, channels), timeout, max_depth=max_depth, **opts)
-        return DepthResult(depth=arrays["depth"], **Result.fields_from(header))
+        """Depth in metres, float32 (H, W). `max_depth` defaults to the dataset's range (20 m
+        hypersim, 80 m vkitti). `opts`: encoder, dataset, input_size, output_dtype,
+        depth_scale, compression.
+
+        By default the depth travels compact: uint16 counts of 1 mm (2 mm for max_depth over
+        65.535 m) and zstd, a sixth or less of float32's bytes, at most half a count off
+        (`result.counts`, `result.scale`). ``output_dtype="float32", compression="none"`` gets
+        the model's exact float32 output."""
+        opts = {**compact_defaults(P.METRIC_DEPTH), **opts}
+        return depth_result(*self._predict(P.METRIC_DEPTH, image_message(image, channels), timeout, max_depth=max_depth, **opts))
 
     def relative_depth(self, image: ImageInput, *, channels: str = "bgr", timeout: Optional[float] = None, **opts: Any) -> DepthResult:
-        """Relative depth (H, W): the metric model scaled to 0..1 (max_depth = 1), or the
-        relative checkpoint's disparity with ``dataset="relative"``."""
-        header, arrays = self._predict(P.REL_DEPTH, image_message(image, channels), timeout, **opts)
-        return DepthResult(depth=arrays["depth"], **Result.fields_from(header))
+        """Relative depth, float32 (H, W): the metric model scaled to 0..1 (max_depth = 1), or
+        the relative checkpoint's disparity with ``dataset="relative"``. Sent zstd-compressed
+        by default (lossless); uint16 is refused for relative depth."""
+        opts = {**compact_defaults(P.REL_DEPTH), **opts}
+        return depth_result(*self._predict(P.REL_DEPTH, image_message(image, channels), timeout, **opts))
 
     def pointcloud(
         self,
@@ -352,29 +399,36 @@ class DepthClient:
         max_depth: Optional[float] = None,
         with_color: bool = False,
         *,
-        unproject_locally: bool = False,
+        server_side: bool = False,
         channels: str = "bgr",
         timeout: Optional[float] = None,
         **opts: Any,
     ) -> PointCloudResult:
-        """A point cloud (H*W, 3) in metres. `intrinsics`: {fx, fy, cx, cy} or a 3x3 matrix K,
-        in pixels of the image as sent.
+        """A point cloud, float32 (H*W, 3) in metres. `intrinsics`: {fx, fy, cx, cy} or a 3x3
+        matrix K, in pixels of the image as sent.
 
-        `unproject_locally=True` asks for the depth map instead (a third of the bytes) and
-        back-projects it here with `zdepth.geometry.unproject`, the same formula the server
-        uses: worth it on slow links, and `result.depth` comes with it.
-        """
+        By default the server sends compact depth (uint16 mm + zstd, see `metric_depth`) and
+        the cloud is rebuilt here with `zdepth.geometry.unproject`, the server's own formula:
+        a twentieth of the bytes of a float32 cloud. Each point is then off by at most half a
+        count in z (0.5 mm by default) and the same relative amount in x and y; pixels without
+        valid depth are (0, 0, 0). `with_color` colours come from decoding the image here
+        exactly as the server does (Pillow for JPEG/PNG; needs the `image` extra).
+
+        ``server_side=True`` asks for the server's float32 cloud instead (exact, 3.7 MB for
+        640x480; `opts` may add output_dtype float16 and compression)."""
         intrinsics = intrinsics_dict(intrinsics)
         message = image_message(image, channels)
-        if unproject_locally:
-            header, arrays = self._predict(P.METRIC_DEPTH, message, timeout, max_depth=max_depth, **opts)
-            depth = arrays["depth"]
-            colors = rgb_pixels(*message) if with_color else None
-            return PointCloudResult(points=unproject(depth, intrinsics), colors=colors, depth=depth, **Result.fields_from(header))
+        if not server_side:
+            colors = rgb_pixels(*message) if with_color else None  # before the request: a decode error costs no round trip
+            opts = {**compact_defaults(P.METRIC_DEPTH), **opts}
+            depth = depth_result(*self._predict(P.METRIC_DEPTH, message, timeout, max_depth=max_depth, **opts))
+            fields = Result.fields_from(depth.header)
+            return PointCloudResult(points=unproject(depth.depth, intrinsics), colors=colors, depth=depth.depth, **fields)
         header, arrays = self._predict(
             P.POINTCLOUD, message, timeout, intrinsics=intrinsics, max_depth=max_depth, with_color=bool(with_color), **opts
         )
-        return PointCloudResult(points=arrays["points"], colors=arrays.get("colors"), **Result.fields_from(header))
+        points = to_metres(arrays["points"], header["arrays"]["points"])
+        return PointCloudResult(points=points, colors=arrays.get("colors"), **Result.fields_from(header))
 
     def _predict(self, method: str, message: tuple[dict, list], timeout: Optional[float], **opts: Any) -> tuple[dict, dict]:
         allowed = set(P.SCHEMA["methods"][method]["fields"]) - {"image", "image_url"}

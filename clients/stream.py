@@ -31,9 +31,11 @@ import numpy as np
 import zmq
 
 from zdepth import protocol as P
+from zdepth.camera import camera_info_field
+from zdepth.compact import to_metres
 from zdepth.protocol import ZDepthError
 
-from .client import ImageInput, ServerError, check_channels, encode_array, image_message, intrinsics_dict
+from .client import ImageInput, ServerError, check_channels, compact_defaults, encode_array, image_message, intrinsics_dict
 from .security import ClientKeysInput, KeyInput, curve_keys
 
 DEFAULT_INGRESS = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.STREAM_PORT_OFFSET}"
@@ -62,11 +64,15 @@ def stream_endpoints(endpoint: str) -> tuple[str, str]:
 class CameraPublisher:
     """Pushes camera frames to the broker's stream ingress, never blocking the camera loop.
 
-    The prediction options (method, intrinsics, max_depth, encoder, dataset, input_size) are
-    fixed per stream. `jpeg_quality` (1-95) JPEG-encodes numpy frames with PIL before sending:
-    ~20x fewer bytes, for Wi-Fi links; without it frames go raw (no encode cost, best on a
+    The prediction options (method, intrinsics, max_depth, encoder, dataset, input_size,
+    output_dtype, depth_scale, compression) are fixed per stream. Results come in the compact
+    form by default (`compact_defaults`: uint16 mm + zstd for metric depth, zstd otherwise);
+    `DepthSubscriber` turns every form back into float32 metres. `jpeg_quality` (1-95)
+    JPEG-encodes numpy frames with PIL before sending: ~20x fewer bytes, for Wi-Fi links; without it frames go raw (no encode cost, best on a
     LAN or the same host). `channels` is the order of numpy frames (OpenCV gives bgr).
     `server_key` / `client_keys` turn on CURVE encryption, as for `DepthClient`.
+    `camera_info` (instead of `intrinsics`): a ROS CameraInfo-shaped map {k, width, height, d,
+    distortion_model} or a zdepth.camera.CameraInfo; the worker scales K to each frame's size.
     """
 
     def __init__(
@@ -82,6 +88,10 @@ class CameraPublisher:
         input_size: Optional[int] = None,
         jpeg_quality: Optional[int] = None,
         *,
+        output_dtype: Optional[str] = None,
+        depth_scale: Optional[float] = None,
+        compression: Optional[str] = None,
+        camera_info: Any = None,
         channels: str = "bgr",
         server_key: Optional[KeyInput] = None,
         client_keys: Optional[ClientKeysInput] = None,
@@ -89,8 +99,10 @@ class CameraPublisher:
     ):
         if method not in P.PREDICT_METHODS:
             raise ValueError(f"method must be one of {sorted(P.PREDICT_METHODS)}, got {method!r}")
-        if method == P.POINTCLOUD and intrinsics is None:
-            raise ValueError("a pointcloud stream needs intrinsics {fx, fy, cx, cy}")
+        if method == P.POINTCLOUD and intrinsics is None and camera_info is None:
+            raise ValueError("a pointcloud stream needs intrinsics {fx, fy, cx, cy} or camera_info")
+        if intrinsics is not None and camera_info is not None:
+            raise ValueError("give intrinsics or camera_info, not both")
         try:
             P.check_stream_name(stream)
         except ZDepthError as exc:
@@ -103,10 +115,13 @@ class CameraPublisher:
         options = {
             "key": key,
             "intrinsics": intrinsics_dict(intrinsics) if intrinsics is not None else None,
+            "camera_info": camera_info_field(camera_info),
             "max_depth": max_depth,
             "encoder": encoder,
             "dataset": dataset,
             "input_size": input_size,
+            **compact_defaults(method),
+            **{k: v for k, v in (("output_dtype", output_dtype), ("depth_scale", depth_scale), ("compression", compression)) if v is not None},
         }
         self._header = {"v": P.VERSION, "stream": stream, "method": method, **{k: v for k, v in options.items() if v is not None}}
         self._seqs = itertools.count()
@@ -336,6 +351,7 @@ class DepthSubscriber:
             if len(frames) < 2:
                 raise P.bad_request("no header frame after the topic")
             header, arrays = P.unpack(frames[1:])
+            depth, points = (to_metres(arrays[n], header["arrays"][n]) if n in arrays else None for n in ("depth", "points"))
         except ZDepthError:
             self.malformed += 1
             return None
@@ -350,8 +366,8 @@ class DepthSubscriber:
             latency_ms=header.get("latency_ms"),
             dropped=int(header.get("dropped") or 0),
             ok=ok,
-            depth=arrays.get("depth"),
-            points=arrays.get("points"),
+            depth=depth,
+            points=points,
             colors=arrays.get("colors"),
             error=None if ok else ServerError.from_reply(header),
             t_arrived=time.time(),

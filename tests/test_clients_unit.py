@@ -291,7 +291,7 @@ def test_pointcloud_locally_matches_the_formula(broker_factory):
     image = np.zeros((2, 3, 3), np.uint8)
     image[..., 0] = 9  # blue in BGR
     with DepthClient(broker.endpoint, timeout=5) as client:
-        cloud = client.pointcloud(image, K, with_color=True, unproject_locally=True)
+        cloud = client.pointcloud(image, K, with_color=True)
     assert broker.requests[0][1]["method"] == "metric_depth" and "intrinsics" not in broker.requests[0][1]
     v, u = np.mgrid[0:2, 0:3]
     expected = np.stack([(u - K["cx"]) / K["fx"] * depth, (v - K["cy"]) / K["fy"] * depth, depth], -1).reshape(-1, 3)
@@ -307,7 +307,7 @@ def test_server_pointcloud_request(broker_factory):
 
     broker = broker_factory(handler)
     with DepthClient(broker.endpoint, timeout=5) as client:
-        cloud = client.pointcloud(JPEG, np.array([[500.0, 0, 1.5], [0, 400.0, 0.5], [0, 0, 1]]))
+        cloud = client.pointcloud(JPEG, np.array([[500.0, 0, 1.5], [0, 400.0, 0.5], [0, 0, 1]]), server_side=True)
     assert np.array_equal(cloud.points, points) and cloud.colors is None
     header = broker.requests[0][1]
     assert header["intrinsics"] == K and header["with_color"] is False

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import msgpack
 import numpy as np
+import zstandard
 
 VERSION = 1
 
@@ -48,6 +49,7 @@ OVERLOADED = "overloaded"
 TIMEOUT = "timeout"
 WORKER_LOST = "worker_lost"
 MODEL_UNAVAILABLE = "model_unavailable"
+SHUTTING_DOWN = "shutting_down"
 INTERNAL = "internal"
 
 ERROR_CODES = {
@@ -61,15 +63,18 @@ ERROR_CODES = {
     TIMEOUT: "the request's deadline (`timeout_ms`) passed before a result was ready",
     WORKER_LOST: "the worker computing the request died or hung; safe to retry",
     MODEL_UNAVAILABLE: "the requested encoder/dataset has no checkpoint on the worker",
+    SHUTTING_DOWN: "the server is draining before it exits (SIGTERM/SIGINT); retry on another server or after its restart",
     INTERNAL: "an unexpected server error; the message says what failed",
 }
 
 # Codes after which sending the same request again may succeed.
-RETRYABLE_CODES = frozenset({OVERLOADED, WORKER_LOST, TIMEOUT})
+RETRYABLE_CODES = frozenset({OVERLOADED, WORKER_LOST, TIMEOUT, SHUTTING_DOWN})
 
 # --- model names ----------------------------------------------------------------------------
 ENCODERS = ("vits", "vitb", "vitl", "vitg")
 DATASETS = ("hypersim", "vkitti", "relative")
+DEFAULT_ENCODER = "vits"
+DEFAULT_DATASET = "hypersim"
 METRIC_DATASETS = ("hypersim", "vkitti")
 # The range each metric checkpoint was trained for: the default max_depth, in metres.
 DEFAULT_MAX_DEPTH = {"hypersim": 20.0, "vkitti": 80.0}
@@ -77,8 +82,29 @@ DEFAULT_INPUT_SIZE = 518
 PATCH_SIZE = 14
 MIN_INPUT_SIZE = 4 * PATCH_SIZE  # 56
 MAX_INPUT_SIZE = 128 * PATCH_SIZE  # 1792
+# The official pre-processing normalises RGB in [0, 1] with ImageNet's mean and std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_FORMATS = ("jpeg", "png", "raw")
-OUTPUT_DTYPES = ("float32", "float16")
+OUTPUT_DTYPES = ("float32", "float16", "uint16")
+FLOAT16_MAX = 65504.0  # the largest finite IEEE binary16 value
+
+# --- compact depth (uint16 counts) and array compression ------------------------------------
+# uint16 depth counts `depth_scale` metres each; 0 means no valid depth (ROS REP 118, 16UC1).
+DEFAULT_DEPTH_SCALE = 0.001  # 1 mm, the ROS 16UC1 / RealSense z16 convention
+MIN_DEPTH_SCALE = 1e-6
+MAX_DEPTH_SCALE = 1000.0
+DEPTH_COUNT_MAX = 65535
+COMPRESSIONS = ("none", "zstd")
+# Pre-filters undone after decompression: delta_row stores each uint16 row as its first value
+# followed by differences mod 65536 (smooth depth becomes small numbers that zstd packs well).
+FILTERS = ("none", "delta_row")
+# Level 1 measured best for latency: higher levels shrink depth by a few % at 2-5x the time
+# (bench/compression.py).
+ZSTD_LEVEL = 1
+# The most bytes one compressed reply frame may inflate to: a float32 (H*W, 3) cloud at the
+# 4096x4096 pixel cap is 201 MB.
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 
 # --- transport defaults ---------------------------------------------------------------------
 DEFAULT_PORT = 5555  # request/reply frontend (ROUTER)
@@ -86,6 +112,30 @@ STREAM_PORT_OFFSET = 1  # camera ingress (PULL)
 PUB_PORT_OFFSET = 2  # stream results (PUB)
 BACKEND_PORT_OFFSET = 3  # workers (ROUTER)
 IMAGEZMQ_PORT_OFFSET = 4  # optional imagezmq ingress (REP)
+def tcp_endpoint(host: str, port: int) -> str:
+    """tcp://HOST:PORT; an IPv6 address goes in brackets (``::1`` or ``[::1]`` -> tcp://[::1]:PORT).
+    Sockets that bind or connect to one need the zmq.IPV6 option."""
+    host = host.strip("[]")
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+FLUSH_LINGER_MS = 1000  # how long the last answers may take to leave a socket closed on shutdown
+
+
+class Ports(NamedTuple):
+    """The ports of one server, from its request port P (`port_layout`)."""
+
+    request: int  # P: request/reply frontend (ROUTER)
+    stream: int  # P+1: camera ingress (PULL)
+    pub: int  # P+2: stream results (PUB)
+    backend: int  # P+3: workers (ROUTER)
+    imagezmq: int  # P+4: optional imagezmq ingress (REP)
+
+
+def port_layout(port: int = DEFAULT_PORT) -> Ports:
+    """Every port of a server whose request port is `port`: the one place the layout is spelled."""
+    return Ports(port, port + STREAM_PORT_OFFSET, port + PUB_PORT_OFFSET, port + BACKEND_PORT_OFFSET, port + IMAGEZMQ_PORT_OFFSET)
+
 
 # --- broker <-> worker (backend) ------------------------------------------------------------
 # Frames after the worker's routing id: [WORKER_PROTOCOL, command, ...]
@@ -97,12 +147,14 @@ W_HEARTBEAT = b"\x04"  # both ways: [..] from the broker, [.., msgpack{models, s
 W_DISCONNECT = b"\x05"  # both ways: the peer should forget us (worker: re-register)
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # missed intervals before a silent peer counts as dead
+HANG_TIMEOUT_S = 120.0  # one compute call longer than this: its worker counts as hung (far above a slow CPU pass)
 
 # --- limits ---------------------------------------------------------------------------------
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAY_DIMS = 4
 MAX_ARRAY_DIM = (1 << 31) - 1  # per dimension: numpy refuses far larger ones, even of empty arrays
 MAX_FRAMES = 16  # frames in one request after the envelope: the header and a few data frames
+MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on raw shapes (broker) and decoded image sizes (worker)
 WIRE_DTYPES = frozenset({"uint8", "uint16", "int32", "float16", "float32", "float64"})
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 STREAM_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/-]")
@@ -156,22 +208,64 @@ def describe_array(frame: int, array: np.ndarray) -> dict:
     return {"frame": frame, "dtype": array.dtype.name, "shape": list(array.shape)}
 
 
-def pack(header: Mapping[str, Any], arrays: Optional[Mapping[str, np.ndarray]] = None) -> list:
-    """Header plus arrays -> frames. Each array becomes its own zero-copy frame, described
-    under ``header["arrays"][name]``. Send the result with ``send_multipart(..., copy=False)``."""
+def delta_rows(array: np.ndarray) -> np.ndarray:
+    """The `delta_row` filter: uint16 (..., W) -> first value of each row, then differences
+    mod 65536. Inverse: `undelta_rows`."""
+    deltas = np.empty_like(array)
+    deltas[..., :1] = array[..., :1]
+    np.subtract(array[..., 1:], array[..., :-1], out=deltas[..., 1:])  # uint16 arithmetic wraps mod 65536
+    return deltas
+
+
+def undelta_rows(deltas: np.ndarray) -> np.ndarray:
+    """Undo `delta_rows`: a running sum along each row, mod 65536."""
+    return np.cumsum(deltas, axis=-1, dtype=np.uint16)
+
+
+def pack(
+    header: Mapping[str, Any],
+    arrays: Optional[Mapping[str, np.ndarray]] = None,
+    *,
+    compression: str = "none",
+    scales: Optional[Mapping[str, float]] = None,
+) -> list:
+    """Header plus arrays -> frames, the header's ``arrays`` filled in by `pack_arrays`.
+    Send the result with ``send_multipart(..., copy=False)``."""
     header = dict(header)
-    frames: list = [b""]
+    frames: list = []
     if arrays:
-        described = {}
-        for name, array in arrays.items():
-            array = np.ascontiguousarray(array)
-            if array.dtype.name not in WIRE_DTYPES:
-                raise ValueError(f"dtype {array.dtype} cannot go on the wire")
-            described[name] = describe_array(len(frames), array)
-            frames.append(memoryview(array).cast("B") if array.size else b"")
-        header["arrays"] = described
-    frames[0] = packb(header)
-    return frames
+        header["arrays"], frames = pack_arrays(arrays, compression=compression, scales=scales)
+    return [packb(header), *frames]
+
+
+def pack_arrays(
+    arrays: Mapping[str, np.ndarray], *, compression: str = "none", scales: Optional[Mapping[str, float]] = None
+) -> tuple[dict, list]:
+    """Arrays -> (descriptors for the header's ``arrays``, data frames 1..n).
+
+    Each descriptor is {frame, dtype, shape, compression, filter}, plus ``scale`` for the
+    arrays named in `scales` (value = stored number x scale). ``compression="none"`` sends
+    each array's own memory (zero-copy); ``"zstd"`` sends one zstd frame per array (RFC 8878,
+    content size in the frame header), after the `delta_row` filter for 2-D uint16 arrays.
+    Raises ValueError for a dtype that cannot go on the wire or an unknown compression."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compression == "zstd" else None
+    described, frames = {}, []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype.name not in WIRE_DTYPES:
+            raise ValueError(f"dtype {array.dtype} cannot go on the wire")
+        desc = describe_array(len(frames) + 1, array)
+        desc["compression"], desc["filter"] = compression, "none"
+        if scales and name in scales:
+            desc["scale"] = float(scales[name])
+        if compressor is not None and array.dtype == np.uint16 and array.ndim == 2:
+            array, desc["filter"] = delta_rows(array), "delta_row"
+        data = memoryview(array).cast("B") if array.size else b""
+        frames.append(compressor.compress(data) if compressor is not None else data)
+        described[name] = desc
+    return described, frames
 
 
 def unpack(frames: Sequence) -> tuple[dict, dict[str, np.ndarray]]:
@@ -216,19 +310,51 @@ def check_shape(shape: Any, what: str) -> tuple[int, ...]:
 
 
 def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.ndarray:
-    """A read-only view of the frame `desc` points at, after checking dtype, shape and size."""
+    """The array the descriptor `desc` points at, read-only, after checking dtype, shape and size.
+
+    Uncompressed: a view on the frame. ``compression: "zstd"``: the frame is inflated to at
+    most the declared dtype x shape bytes, never more (anything else is `bad_request`), then
+    the `filter` is undone. Values are as stored: multiply by ``desc["scale"]`` for metres."""
     index = frame_index(desc, len(frames), what)
     dtype = desc.get("dtype")
     if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
         raise bad_request(f"{what}: `dtype` must be one of {sorted(WIRE_DTYPES)}, got {short_repr(dtype)}")
     shape = check_shape(desc.get("shape"), what)
+    compression = desc.get("compression") or "none"
+    filter_ = desc.get("filter") or "none"
+    if compression not in COMPRESSIONS:
+        raise bad_request(f"{what}: `compression` must be one of {list(COMPRESSIONS)}, got {short_repr(compression)}")
+    if filter_ not in FILTERS or filter_ == "delta_row" and dtype != "uint16":
+        raise bad_request(f"{what}: `filter` must be none, or delta_row on uint16, got {short_repr(filter_)} on {dtype}")
     buffer = frame_buffer(frames[index])
     expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: a huge shape cannot wrap to a small size
-    if len(buffer) != expected:
+    if compression == "zstd":
+        buffer = _inflate(buffer, expected, f"{what} (frame {index})")
+    elif len(buffer) != expected:
         raise bad_request(f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}")
     array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
-    array.flags.writeable = False  # a view on the message: copy it to write
+    if filter_ == "delta_row":
+        array = undelta_rows(array)
+    array.flags.writeable = False  # a view on the message (or on our only copy): copy it to write
     return array
+
+
+def _inflate(buffer: Any, expected: int, what: str) -> bytes:
+    """One zstd frame -> exactly `expected` bytes; never allocates or writes more than that."""
+    if expected > MAX_DECOMPRESSED_BYTES:
+        raise ZDepthError(TOO_LARGE, f"{what}: {expected} bytes declared; the limit is {MAX_DECOMPRESSED_BYTES}")
+    try:
+        declared = zstandard.frame_content_size(buffer)
+        if declared not in (-1, expected):
+            raise bad_request(f"{what}: the zstd frame holds {declared} bytes, but dtype x shape is {expected}")
+        # With a declared size, zstd decodes into a buffer of exactly that size and fails on overflow;
+        # without one, max_output_size caps the output.
+        data = zstandard.ZstdDecompressor().decompress(buffer, max_output_size=max(expected, 1), allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise bad_request(f"{what}: not one valid zstd frame of at most {expected} bytes ({exc})") from None
+    if len(data) != expected:
+        raise bad_request(f"{what}: inflated to {len(data)} bytes, but dtype x shape is {expected}")
+    return data
 
 
 # --- headers --------------------------------------------------------------------------------
@@ -307,7 +433,18 @@ _PREDICT_FIELDS = {
     "dataset": {"type": "str", "enum": list(DATASETS), "default": "hypersim"},
     "max_depth": {"type": "float", "doc": "> 0; default: 20 for hypersim, 80 for vkitti (metres)"},
     "input_size": {"type": "int", "default": DEFAULT_INPUT_SIZE, "doc": f"multiple of {PATCH_SIZE} in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]"},
-    "output_dtype": {"type": "str", "enum": list(OUTPUT_DTYPES), "default": "float32"},
+    "output_dtype": {
+        "type": "str",
+        "enum": list(OUTPUT_DTYPES),
+        "default": "float32",
+        "doc": "uint16: metric_depth only, counts of depth_scale metres, 0 = invalid; float16: refused when values exceed 65504",
+    },
+    "depth_scale": {
+        "type": "float",
+        "doc": f"metres per uint16 count, in [{MIN_DEPTH_SCALE:g}, {MAX_DEPTH_SCALE:g}]; default {DEFAULT_DEPTH_SCALE} "
+        f"(1 mm), or the smallest multiple of it that holds max_depth in {DEPTH_COUNT_MAX} counts",
+    },
+    "compression": {"type": "str", "enum": list(COMPRESSIONS), "default": "none", "doc": "zstd: every reply array as one zstd frame"},
 }
 
 SCHEMA = {
@@ -325,7 +462,12 @@ SCHEMA = {
         STATS: {"doc": "counters, error counts by code, latency percentiles, queues, streams", "fields": {}},
         METRIC_DEPTH: {
             "doc": "metric depth in metres (Sigmoid x max_depth), arrays.depth float (H, W), plus min/max",
-            "fields": dict(_PREDICT_FIELDS, dataset=_METRIC_DATASET, intrinsics={"type": "map", "doc": "optional {fx, fy, cx, cy}; ignored"}),
+            "fields": dict(
+                _PREDICT_FIELDS,
+                dataset=_METRIC_DATASET,
+                intrinsics={"type": "map", "doc": "optional {fx, fy, cx, cy}; ignored"},
+                camera_info={"type": "map", "doc": "optional, as for pointcloud; validated, ignored"},
+            ),
         },
         REL_DEPTH: {
             "doc": "metric model with max_depth = 1.0 (depth / max_depth); dataset relative: the relative checkpoint's disparity",
@@ -336,7 +478,12 @@ SCHEMA = {
             "fields": dict(
                 _PREDICT_FIELDS,
                 dataset=_METRIC_DATASET,
-                intrinsics={"type": "map", "required": True, "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0"},
+                intrinsics={"type": "map", "required": "unless camera_info", "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0"},
+                camera_info={
+                    "type": "map",
+                    "doc": "instead of intrinsics: ROS CameraInfo {k: 9 floats row-major, width, height, d, distortion_model}; "
+                    "scaled to the image when it is a uniform resize (cx' = (cx + 0.5) s - 0.5); non-zero d refused",
+                },
                 with_color={"type": "bool", "default": False},
             ),
         },
@@ -344,7 +491,8 @@ SCHEMA = {
     "reply": {
         "ok": "bool",
         "id": "the request's id",
-        "arrays": "map name -> {frame, dtype, shape}",
+        "arrays": "map name -> {frame, dtype, shape, compression, filter, scale (depth and points: metres per stored unit)}",
+        "out_of_range": "int, uint16 replies: pixels set to 0 because their depth did not fit in 1..65535 counts",
         "min": "float", "max": "float",
         "model": "str, e.g. vits_hypersim",
         "worker": "str",

@@ -127,14 +127,55 @@ class PredictRequest:
     intrinsics: Optional[Intrinsics]
     output_dtype: str = "float32"
     with_color: bool = False
+    depth_scale: Optional[float] = None  # metres per count: set when output_dtype is uint16
+    compression: str = "none"
+    camera_info: Any = None  # a zdepth.camera.CameraInfo, instead of `intrinsics`
 
     @property
     def model_key(self) -> tuple:
         return (self.encoder, self.dataset)
 
+    def intrinsics_for(self, height: int, width: int) -> Optional[Intrinsics]:
+        """The pinhole intrinsics for the (height, width) image: `intrinsics` as sent, or
+        `camera_info` scaled to this size (zdepth.camera.scaled_intrinsics; bad_request if it
+        does not fit)."""
+        if self.camera_info is None:
+            return self.intrinsics
+        from .camera import scaled_intrinsics  # zdepth.camera imports this module
+
+        return scaled_intrinsics(self.camera_info, height, width)
+
 
 def default_max_depth(dataset: str) -> float:
     return P.DEFAULT_MAX_DEPTH.get(dataset, 1.0)
+
+
+def default_depth_scale(max_depth: float) -> float:
+    """1 mm, or the smallest multiple of 1 mm whose 65535 counts reach `max_depth` metres
+    (2 mm for vkitti's 80 m), so the default never loses the far end of the model's range."""
+    steps = max(1, math.ceil(max_depth / (P.DEPTH_COUNT_MAX * P.DEFAULT_DEPTH_SCALE)))
+    return steps * P.DEFAULT_DEPTH_SCALE
+
+
+def check_depth_scale(scale: Any) -> float:
+    if not _finite(scale) or not P.MIN_DEPTH_SCALE <= scale <= P.MAX_DEPTH_SCALE:
+        raise bad_request(f"`depth_scale` must be a number of metres per count in [{P.MIN_DEPTH_SCALE:g}, {P.MAX_DEPTH_SCALE:g}], got {P.short_repr(scale)}")
+    return float(scale)
+
+
+def _camera_info(header: Mapping[str, Any], image: ImageSpec) -> Any:
+    """The validated `camera_info` field (zdepth.camera.CameraInfo) or None. It excludes
+    `intrinsics`; for a raw image, whose size is known here, it must also fit that size."""
+    if header.get("camera_info") is None:
+        return None
+    if header.get("intrinsics") is not None:
+        raise bad_request("give `intrinsics` or `camera_info`, not both")
+    from .camera import check_camera_info, scaled_intrinsics  # zdepth.camera imports this module
+
+    camera_info = check_camera_info(header["camera_info"])
+    if image.shape is not None:
+        scaled_intrinsics(camera_info, image.shape[0], image.shape[1])
+    return camera_info
 
 
 def _field(header: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -165,16 +206,32 @@ def parse_predict(header: Mapping[str, Any], frames: Sequence, default_encoder: 
     else:
         max_depth = default_max_depth(dataset)
     intrinsics = None
+    camera_info = _camera_info(header, image)
     if method == P.POINTCLOUD:
-        if header.get("intrinsics") is None:
-            raise bad_request("pointcloud needs `intrinsics` {fx, fy, cx, cy}")
-        intrinsics = check_intrinsics(header["intrinsics"])
+        if header.get("intrinsics") is None and camera_info is None:
+            raise bad_request("pointcloud needs `intrinsics` {fx, fy, cx, cy} or `camera_info` {k, width, height}")
+        intrinsics = None if camera_info is not None else check_intrinsics(header["intrinsics"])
     elif header.get("intrinsics") is not None:
         check_intrinsics(header["intrinsics"])
     output_dtype = _field(header, "output_dtype", "float32")
-    if output_dtype not in P.OUTPUT_DTYPES:
+    if not isinstance(output_dtype, str) or output_dtype not in P.OUTPUT_DTYPES:
         raise bad_request(f"`output_dtype` must be one of {list(P.OUTPUT_DTYPES)}, got {P.short_repr(output_dtype)}")
+    depth_scale = None if header.get("depth_scale") is None else check_depth_scale(header["depth_scale"])
+    if output_dtype == "uint16":
+        if method != P.METRIC_DEPTH:
+            raise bad_request(
+                f"`output_dtype` uint16 is for metric_depth only (counts of depth_scale metres); {method} takes float32 or float16"
+            )
+        depth_scale = depth_scale or default_depth_scale(max_depth)
+    else:
+        depth_scale = None  # validated above, meaningful only for uint16
+    compression = _field(header, "compression", "none")
+    if not isinstance(compression, str) or compression not in P.COMPRESSIONS:
+        raise bad_request(f"`compression` must be one of {list(P.COMPRESSIONS)}, got {P.short_repr(compression)}")
     with_color = _field(header, "with_color", False)
     if not isinstance(with_color, bool):
         raise bad_request("`with_color` must be true or false")
-    return PredictRequest(method, image, encoder, dataset, input_size, max_depth, intrinsics, output_dtype, with_color)
+    return PredictRequest(
+        method, image, encoder, dataset, input_size, max_depth, intrinsics, output_dtype, with_color, depth_scale, compression,
+        camera_info=camera_info,
+    )

@@ -23,14 +23,31 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import zmq
 
 from . import protocol as P
+from .compact import wire_arrays
 from .request import parse_predict
+from .resize import ComputeLimits
 
 log = logging.getLogger("zdepth.worker")
 
 HANG_EXIT_STATUS = 3
+WARM_UP_SHAPE = (64, 64, 3)  # the warm-up frame: uint8 BGR, its content irrelevant
+
+
+def warm_up_engine(engine: Any, preload: list, default_dataset: str = P.DEFAULT_DATASET) -> None:
+    """Run one frame through the first `preload` model ("ENCODER:DATASET"; without any, the
+    default encoder's `default_dataset` model), so the first request pays no first-call cost.
+    The frame runs at the default input size on a GPU, where the first call builds kernels for
+    that size, and at the smallest input size on a CPU, where only the path needs checking.
+    Raises what loading or running raises (e.g. `model_unavailable` when no checkpoint exists)."""
+    encoder, _, dataset = preload[0].partition(":") if preload else (engine.default_encoder, "", default_dataset)
+    dataset = dataset or default_dataset
+    method = P.REL_DEPTH if dataset == "relative" else P.METRIC_DEPTH
+    size = P.MIN_INPUT_SIZE if engine.device.type == "cpu" else P.DEFAULT_INPUT_SIZE
+    engine.predict(method, np.zeros(WARM_UP_SHAPE, np.uint8), encoder=encoder, dataset=dataset, input_size=size)
 
 
 @dataclass
@@ -52,8 +69,11 @@ class Worker:
         liveness: int = P.HEARTBEAT_LIVENESS,
         hang_timeout_s: Optional[float] = None,
         max_image_pixels: int = 4096 * 4096,
+        compute: ComputeLimits = ComputeLimits(),
         fetch_url: Optional[Callable[[str], bytes]] = None,
         context: Optional[zmq.Context] = None,
+        warm_up: Optional[Callable[[], None]] = None,
+        parent_pid: Optional[int] = None,
     ):
         self.connect = connect
         self.engine = engine
@@ -64,9 +84,14 @@ class Worker:
         self.liveness = liveness
         self.hang_timeout_s = hang_timeout_s
         self.max_image_pixels = max_image_pixels
+        self.compute = compute
         self.fetch_url = fetch_url
         self.context = context or zmq.Context.instance()
         self.served = 0
+        self.warm_up = warm_up  # run first in the compute thread; the worker is ready once it returns
+        self.ready = warm_up is None
+        self.problem: Optional[str] = None  # why the worker is not ready (its warm-up failed)
+        self.parent_pid = parent_pid  # serve's pid: the worker stops when its parent is gone
         self._tasks: queue.Queue = queue.Queue()
         self._busy_since: Optional[float] = None
         self._stop = threading.Event()
@@ -76,6 +101,8 @@ class Worker:
     # --- the I/O thread -------------------------------------------------------------------
 
     def run(self) -> None:
+        """Serve until `stop()`; then finish the batch being computed, send its replies and
+        DISCONNECT (the broker re-queues what this worker had not started)."""
         results = self.context.socket(zmq.PAIR)
         results.setsockopt(zmq.LINGER, 0)
         results.bind(self._results_endpoint)
@@ -86,7 +113,7 @@ class Worker:
         poller.register(results, zmq.POLLIN)
         next_heartbeat = time.monotonic() + self.heartbeat_interval_s
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() or compute.is_alive():  # after stop: heartbeats and replies until the batch is done
                 poller.register(self._socket, zmq.POLLIN)
                 events = dict(poller.poll(max(0, int((next_heartbeat - time.monotonic()) * 1000))))
                 if self._socket in events:
@@ -102,8 +129,9 @@ class Worker:
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     next_heartbeat = now + self.heartbeat_interval_s
-                    self._send([P.W_HEARTBEAT, P.packb({"models": self.engine.models_loaded(), "served": self.served})])
+                    self._send([P.W_HEARTBEAT, P.packb(self._state())])
                     self._check_hang(now)
+                    self._check_parent()
                 if now > self._broker_expiry:
                     log.warning("broker silent for %.1f s; reconnecting", self.heartbeat_interval_s * self.liveness)
                     poller.unregister(self._socket)
@@ -112,11 +140,25 @@ class Worker:
             self._stop.set()
             if self._socket is not None:
                 self._send([P.W_DISCONNECT])
-                self._socket.close(linger=0)
+                self._socket.close(linger=P.FLUSH_LINGER_MS)
             results.close(linger=0)
 
     def stop(self) -> None:
+        """Finish the current batch, then leave (safe from a signal handler). Called again: exit at once."""
+        if self._stop.is_set():
+            log.warning("second stop signal: exiting without finishing the batch")
+            os._exit(1)
         self._stop.set()
+
+    def _state(self) -> dict:
+        """What READY and each heartbeat tell the broker (broker/workers.py `worker_state`)."""
+        return {"models": self.engine.models_loaded(), "served": self.served, "ready": self.ready,
+                "warming": getattr(self.engine, "warming", False) is True, "problem": self.problem}
+
+    def _check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid and not self._stop.is_set():
+            log.warning("parent process %d is gone; stopping", self.parent_pid)
+            self._stop.set()
 
     def _connect(self) -> None:
         """A fresh DEALER and a READY: after a broker restart the old socket's state is useless."""
@@ -128,7 +170,7 @@ class Worker:
         sock.connect(self.connect)
         self._socket = sock
         self._broker_expiry = time.monotonic() + self.heartbeat_interval_s * self.liveness
-        info = dict(self.engine.describe(), name=self.name, capacity=self.max_batch, host=socket.gethostname(), pid=os.getpid())
+        info = dict(self.engine.describe(), **self._state(), name=self.name, capacity=self.max_batch, host=socket.gethostname(), pid=os.getpid())
         self._send([P.W_READY, P.packb(info)])
         log.info("worker %s registering with %s", self.name, self.connect)
 
@@ -175,9 +217,10 @@ class Worker:
 
     def _compute_loop(self) -> None:
         out = self.context.socket(zmq.PAIR)
-        out.setsockopt(zmq.LINGER, 0)
+        out.setsockopt(zmq.LINGER, P.FLUSH_LINGER_MS)
         out.connect(self._results_endpoint)
         try:
+            self._warm_up()
             while not self._stop.is_set():
                 try:
                     batch = [self._tasks.get(timeout=0.2)]
@@ -193,6 +236,19 @@ class Worker:
                     out.send_multipart([P.packb({"t": ticket}), *frames], copy=False)
         finally:
             out.close(linger=0)
+
+    def _warm_up(self) -> None:
+        if self.warm_up is None:
+            return
+        started = time.monotonic()
+        try:
+            self.warm_up()
+        except Exception as exc:  # the worker still serves: requests for other models may work
+            self.problem = f"warm-up failed: {exc.message if isinstance(exc, P.ZDepthError) else f'{type(exc).__name__}: {exc}'}"
+            log.error("%s; the worker serves but is not ready", self.problem)
+            return
+        self.ready = True
+        log.info("worker %s ready (warm-up %.1f s)", self.name, time.monotonic() - started)
 
     def _gather(self, room: int) -> list:
         """More tasks for the same forward pass: whatever arrives within the batch window."""
@@ -219,6 +275,8 @@ class Worker:
                 request = parse_predict(header, task.frames, default_encoder=self.engine.default_encoder, max_pixels=self.max_image_pixels)
                 started = time.perf_counter()
                 image = self._image(request, task.frames)
+                self.compute.check(image.shape[0], image.shape[1], request.input_size)  # before the model runs
+                request.intrinsics_for(image.shape[0], image.shape[1])  # a camera_info that does not fit fails here, not its batch
                 ready.append((task, request_id, request, image, (time.perf_counter() - started) * 1000.0))
             except Exception as exc:
                 replies.append((task.ticket, self._error_frames(request_id, exc)))
@@ -232,16 +290,29 @@ class Worker:
                 replies += [(item[0].ticket, self._error_frames(item[1], exc)) for item in items]
                 continue
             for (task, request_id, request, _, decode_ms), result in zip(items, results):
-                header = P.ok_header(
-                    request_id,
-                    min=result.min,
-                    max=result.max,
-                    model=result.model,
-                    worker=self.name,
-                    timing={"decode_ms": round(decode_ms, 3), **{k: round(v, 3) for k, v in result.timing.items()}},
-                )
-                replies.append((task.ticket, P.pack(header, result.arrays)))
+                try:
+                    replies.append((task.ticket, self._reply_frames(request_id, request, result, decode_ms)))
+                except Exception as exc:
+                    replies.append((task.ticket, self._error_frames(request_id, exc)))
         return replies
+
+    def _reply_frames(self, request_id: Any, request: Any, result: Any, decode_ms: float) -> list:
+        """A result in the wire form the request asked for (dtype, depth_scale, compression)."""
+        started = time.perf_counter()
+        arrays, scales, fields = wire_arrays(request, result.arrays)
+        described, data = P.pack_arrays(arrays, compression=request.compression, scales=scales)
+        timing = {"decode_ms": decode_ms, **result.timing, "encode_ms": (time.perf_counter() - started) * 1000.0}
+        header = P.ok_header(
+            request_id,
+            arrays=described,
+            min=result.min,
+            max=result.max,
+            model=result.model,
+            worker=self.name,
+            timing={k: round(v, 3) for k, v in timing.items()},
+            **fields,
+        )
+        return [P.packb(header), *data]
 
     def _image(self, request: Any, frames: list) -> Any:
         from .images import decode_image  # cv2 lives in the worker only
@@ -251,8 +322,8 @@ class Worker:
                 raise P.bad_request("`image_url` is disabled on this server (the operator enables it with --allow-url-host)")
             data = self.fetch_url(request.image.url)
             spec = dataclasses.replace(request.image, frame=1, format="png" if data[:4] == b"\x89PNG" else "jpeg")
-            return decode_image(spec, [None, data], self.max_image_pixels)
-        return decode_image(request.image, frames, self.max_image_pixels)
+            return decode_image(spec, [None, data], self.max_image_pixels, self.compute.max_jpeg_scans)
+        return decode_image(request.image, frames, self.max_image_pixels, self.compute.max_jpeg_scans)
 
     def _error_frames(self, request_id: Any, exc: Exception) -> list:
         if isinstance(exc, P.ZDepthError):
