@@ -166,7 +166,7 @@ def test_schema_covers_methods_and_codes():
     for method in P.PREDICT_METHODS:
         fields = P.SCHEMA["methods"][method]["fields"]
         assert {"image", "image_url"} <= set(fields)
-    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["intrinsics"].get("required") is True
+    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["intrinsics"].get("required") == "unless camera_info"
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["encoder"]["enum"] == list(P.ENCODERS)
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["dataset"]["enum"] == list(P.METRIC_DATASETS)
     assert P.SCHEMA["methods"][P.REL_DEPTH]["fields"]["dataset"]["enum"] == list(P.DATASETS)
@@ -193,13 +193,15 @@ VALID = {
     "output_dtype": "float16",
     "intrinsics": {"fx": 500.0, "fy": 501.0, "cx": 2.5, "cy": 1.5},
     "with_color": True,
+    # the raw image (4 x 6) at half the calibration size; excludes `intrinsics`, so full_header leaves it out
+    "camera_info": {"k": [500.0, 0, 5.5, 0, 501.0, 3.5, 0, 0, 1], "width": 12, "height": 8, "d": [0.0] * 5, "distortion_model": "plumb_bob"},
 }
 
 # Fields parse_predict reads (to validate them) for methods whose schema does not list them:
 # they are accepted and checked, and have no effect there (docs/protocol.md section 4.3).
 VALIDATED_ONLY = {
     P.METRIC_DEPTH: {"with_color"},
-    P.REL_DEPTH: {"intrinsics", "with_color"},
+    P.REL_DEPTH: {"intrinsics", "camera_info", "with_color"},
     P.POINTCLOUD: set(),
 }
 
@@ -217,7 +219,7 @@ def full_header(method: str) -> dict:
     fields = documented_fields(method)
     unknown = sorted(fields - set(VALID))
     assert not unknown, f"new schema fields {unknown}: add valid values to VALID and document them"
-    return {name: (method if name == "method" else VALID[name]) for name in fields}
+    return {name: (method if name == "method" else VALID[name]) for name in fields - {"camera_info"}}
 
 
 class RecordingHeader(dict):

@@ -296,7 +296,7 @@ class Engine:
         out_dtype = torch.float16 if request.output_dtype == "float16" else torch.float32
         arrays = {}
         if request.method == P.POINTCLOUD:
-            points = unproject(depth, request.intrinsics, *self._pixel_grid(*depth.shape))
+            points = unproject(depth, request.intrinsics_for(*depth.shape), *self._pixel_grid(*depth.shape))
             arrays["points"] = points.to(out_dtype).cpu().numpy()
             if request.with_color:
                 arrays["colors"] = np.ascontiguousarray(image[..., ::-1]).reshape(-1, 3)
@@ -331,6 +331,7 @@ class Engine:
         intrinsics: Any = None,
         with_color: bool = False,
         output_dtype: Optional[str] = None,
+        camera_info: Any = None,
     ) -> PredictRequest:
         """A PredictRequest for a local image, built by the same validator the server uses
         (`request.parse_predict`), so a bad parameter gives the same message here as on the wire."""
@@ -345,6 +346,7 @@ class Engine:
             intrinsics=intrinsics,
             with_color=with_color,
             output_dtype=output_dtype,
+            camera_info=camera_info,
         )
         # The array is already in memory, so no pixel limit applies to local calls.
         frames = [b"", memoryview(image).cast("B")]
