@@ -13,6 +13,7 @@ optional imagezmq ingress. The broker process never imports torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import logging
@@ -25,7 +26,7 @@ import time
 from typing import Optional
 
 from . import protocol as P
-from .logs import FORMATS
+from .config import MIB, SHARED_WITH_BROKER, WorkerOptions, add_arguments, from_args, to_argv
 from .logs import configure as configure_logging
 
 log = logging.getLogger("zdepth.serve")
@@ -51,36 +52,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit", type=float, default=0.0, metavar="RPS",
                         help="requests/s per key name (per client connection without auth); beyond it rate_limited. 0 (default): off")
     parser.add_argument("--rate-burst", type=int, metavar="N", help="requests a key may send at once above its rate (default: max(1, RPS))")
-    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="raw shapes (broker) and decoded JPEG/PNG sizes (worker) above it are too_large")
     parser.add_argument("--curve-secret-file", metavar="FILE", help="encrypt the client-facing sockets with CURVE: the server's NAME.key_secret (zdepth keygen)")
     parser.add_argument("--curve-clients", metavar="DIR", help="with CURVE, only clients whose public NAME.key is in DIR may connect (reloaded on SIGHUP)")
     parser.add_argument("--curve-allow-any", action="store_true", help="with CURVE, any client knowing the server's public key may connect (encryption only)")
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics (needs prometheus_client)")
-    parser.add_argument("--hang-timeout", type=float, default=120.0, help="seconds one request may compute before its worker counts as hung")
     parser.add_argument("--imagezmq", action="store_true", help="accept unchanged imagezmq senders (REQ/REP) on PORT+4; no keys there")
     parser.add_argument("--imagezmq-fields", type=json.loads, default={"method": P.METRIC_DEPTH}, metavar="JSON",
                         help='prediction fields for imagezmq streams, e.g. \'{"method": "metric_depth", "input_size": 518}\'')
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", default="text", choices=FORMATS, help="text: key=value lines; json: one object per line")
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--encoder", default="vits", choices=P.ENCODERS, help="encoder when a request names none")
-    parser.add_argument("--preload", action="append", default=[], metavar="ENC:DATASET", help="load at start, e.g. vits:hypersim (repeatable)")
-    parser.add_argument("--max-models", type=int, default=2, help="resident models per worker (LRU)")
-    parser.add_argument("--max-batch", type=int, default=1, help="requests per forward pass (dynamic batching; >1 on GPUs)")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, help="torch threads per worker")
-    parser.add_argument("--random-weights", action="store_true", help="smoke runs without checkpoints; health says so")
-    # image_url fetching is off unless hosts are allowed: a URL makes the server connect where the caller says.
-    parser.add_argument("--allow-url-host", action="append", default=[], metavar="HOST",
-                        help="fetch image_url from HOST (exact name or IP, or *.domain for its subdomains; repeatable). Default: image_url refused")
-    parser.add_argument("--allow-private-urls", action="store_true", help="let allowed hosts resolve to private/loopback/link-local addresses")
-    parser.add_argument("--url-max-mb", type=float, default=20.0, help="largest image_url download, MiB (default: %(default)s)")
-    parser.add_argument("--url-timeout", type=float, default=5.0, help="seconds for a whole image_url download, redirects included (default: %(default)s)")
+    add_arguments(parser, WorkerOptions, only=SHARED_WITH_BROKER)
 
 
 def broker_config(args: argparse.Namespace, expect_workers: int = 0):
@@ -133,31 +112,32 @@ def run_worker(args: argparse.Namespace) -> int:
     from .fetch import UrlFetcher
     from .worker import Worker
 
-    configure_logging(args.log_level, args.log_format)
+    options = from_args(WorkerOptions, args)
+    configure_logging(options.log_level, options.log_format)
     fetch_url = None  # checked before the models load, so a bad --allow-url-host fails at once
-    if args.allow_url_host:
-        fetch_url = UrlFetcher(args.allow_url_host, args.allow_private_urls, int(args.url_max_mb * 1024 * 1024), args.url_timeout)
+    if options.allow_url_host:
+        fetch_url = UrlFetcher(options.allow_url_host, options.allow_private_urls, int(options.url_max_mb * MIB), options.url_timeout)
         log.info("image_url fetching on: %r", fetch_url)
     engine = Engine(
-        checkpoint_dir=args.checkpoint_dir,
-        device=args.device,
-        dtype=args.dtype,
-        max_models=args.max_models,
-        random_weights=args.random_weights,
-        default_encoder=args.encoder,
-        threads=args.threads,
+        checkpoint_dir=options.checkpoint_dir,
+        device=options.device,
+        dtype=options.dtype,
+        max_models=options.max_models,
+        random_weights=options.random_weights,
+        default_encoder=options.encoder,
+        threads=options.threads,
     )
-    for item in args.preload:
+    for item in options.preload:
         encoder, _, dataset = item.partition(":")
-        engine.model(encoder, dataset or "hypersim")
+        engine.model(encoder, dataset or P.DEFAULT_DATASET)
     worker = Worker(
         args.connect,
         engine,
         name=args.name,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-        hang_timeout_s=args.hang_timeout,
-        max_image_pixels=args.max_image_pixels,
+        max_batch=options.max_batch,
+        batch_wait_ms=options.batch_wait_ms,
+        hang_timeout_s=options.hang_timeout,
+        max_image_pixels=options.max_image_pixels,
         fetch_url=fetch_url,
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
@@ -232,41 +212,34 @@ class Supervisor:
                 process.kill()
 
 
-def worker_command(args: argparse.Namespace, device: str, connect: str, index: int, threads: Optional[int]) -> list:
-    command = [sys.executable, "-m", "zdepth", "worker", "--connect", connect, "--device", device, "--dtype", args.dtype,
-               "--checkpoint-dir", args.checkpoint_dir, "--encoder", args.encoder, "--max-models", str(args.max_models),
-               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--hang-timeout", str(args.hang_timeout),
-               "--max-image-pixels", str(args.max_image_pixels), "--name", f"worker-{index}-{device}", "--log-level", args.log_level,
-               "--log-format", args.log_format]
-    for item in args.preload:
-        command += ["--preload", item]
-    if threads or args.threads:
-        command += ["--threads", str(args.threads or threads)]
-    if args.random_weights:
-        command.append("--random-weights")
-    for host in args.allow_url_host:
-        command += ["--allow-url-host", host]
-    if args.allow_private_urls:
-        command.append("--allow-private-urls")
-    command += ["--url-max-mb", str(args.url_max_mb), "--url-timeout", str(args.url_timeout)]
-    return command
+def serve_workers(args: argparse.Namespace) -> list[WorkerOptions]:
+    """The options of each worker `zdepth serve` starts: every worker option serve was given,
+    one worker per device. Only the device differs, and the torch threads of CPU workers when
+    --threads is not given: the machine's cores shared evenly among them."""
+    options = from_args(WorkerOptions, args)
+    devices = worker_devices(options.device, args.workers)
+    cpu_workers = sum(d == "cpu" for d in devices)
+    cpu_threads = options.threads or max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+    return [dataclasses.replace(options, device=d, threads=cpu_threads if d == "cpu" else options.threads) for d in devices]
+
+
+def worker_command(options: WorkerOptions, connect: str, name: str) -> list[str]:
+    """The command line of one `zdepth worker` process with these options."""
+    return [sys.executable, "-m", "zdepth", "worker", "--connect", connect, "--name", name, *to_argv(options)]
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from broker.broker import Broker
 
     configure_logging(args.log_level, args.log_format)
-    devices = worker_devices(args.device, args.workers)
-    config = broker_config(args, expect_workers=len(devices))
+    workers = serve_workers(args)
+    config = broker_config(args, expect_workers=len(workers))
     # Our own workers share this host: an ipc hop carries their multi-MB replies cheaper than tcp.
     config.local_backend = f"ipc://{tempfile.gettempdir()}/zdepth-{args.port}-{os.getpid()}-workers.ipc"
     broker = Broker(config)  # bind first, so workers find the backend
-    connect = config.local_backend
-    cpu_workers = sum(d == "cpu" for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
-    supervisor = Supervisor([worker_command(args, d, connect, i, threads if d == "cpu" else None) for i, d in enumerate(devices)])
+    supervisor = Supervisor([worker_command(w, config.local_backend, f"worker-{i}-{w.device}") for i, w in enumerate(workers)])
     supervisor.start()
-    log.info("serving on %s with %d worker(s): %s", ", ".join(config.frontends), len(devices), ", ".join(devices))
+    log.info("serving on %s with %d worker(s): %s", ", ".join(config.frontends), len(workers), ", ".join(w.device for w in workers))
     try:
         broker.run()
     finally:
@@ -288,7 +261,7 @@ def register(subparsers) -> None:
     """Add the serving subcommands to the `zdepth` parser."""
     serve = subparsers.add_parser("serve", help="broker + one worker per GPU (or N CPU workers) in one command")
     add_broker_arguments(serve)
-    add_worker_arguments(serve)
+    add_arguments(serve, WorkerOptions, exclude=SHARED_WITH_BROKER)
     serve.add_argument("--workers", type=int, help="worker processes (default: one per GPU, else 1 CPU worker)")
     serve.set_defaults(func=run_serve)
 
@@ -299,11 +272,7 @@ def register(subparsers) -> None:
     worker = subparsers.add_parser("worker", help="one worker process for one device, connecting to a broker")
     worker.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://gpu-host:5558")
     worker.add_argument("--name", help="name shown in health (default host-pid)")
-    worker.add_argument("--hang-timeout", type=float, default=120.0, help="exit (status 3) when one compute call exceeds this")
-    worker.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    worker.add_argument("--log-level", default="INFO")
-    worker.add_argument("--log-format", default="text", choices=FORMATS)
-    add_worker_arguments(worker)
+    add_arguments(worker, WorkerOptions)
     worker.set_defaults(func=run_worker)
 
     health = subparsers.add_parser("health", help="ask a server for its health")
