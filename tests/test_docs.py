@@ -170,7 +170,9 @@ def test_schema_covers_methods_and_codes():
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["encoder"]["enum"] == list(P.ENCODERS)
     assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["dataset"]["enum"] == list(P.METRIC_DATASETS)
     assert P.SCHEMA["methods"][P.REL_DEPTH]["fields"]["dataset"]["enum"] == list(P.DATASETS)
-    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["output_dtype"]["enum"] == list(P.OUTPUT_DTYPES)
+    assert P.SCHEMA["methods"][P.METRIC_DEPTH]["fields"]["output_dtype"]["enum"] == list(P.OUTPUT_DTYPES)
+    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["output_dtype"]["enum"] == ["float32", "float16"]
+    assert P.SCHEMA["methods"][P.POINTCLOUD]["fields"]["compression"]["enum"] == list(P.COMPRESSIONS)
 
 
 RAW_SHAPE = (4, 6, 3)
@@ -191,6 +193,8 @@ VALID = {
     "max_depth": 12.5,
     "input_size": 280,
     "output_dtype": "float16",
+    "depth_scale": 0.002,
+    "compression": "zstd",
     "intrinsics": {"fx": 500.0, "fy": 501.0, "cx": 2.5, "cy": 1.5},
     "with_color": True,
     # the raw image (4 x 6) at half the calibration size; excludes `intrinsics`, so full_header leaves it out
@@ -257,6 +261,8 @@ def test_all_documented_fields_parse(method):
     assert request.dataset == VALID["dataset"]
     assert request.input_size == VALID["input_size"]
     assert request.output_dtype == VALID["output_dtype"]
+    assert request.compression == VALID["compression"]
+    assert request.depth_scale is None  # validated, used only with uint16
     assert request.max_depth == (1.0 if method == P.REL_DEPTH else VALID["max_depth"])
     if method == P.POINTCLOUD:
         assert request.intrinsics is not None and request.intrinsics.fx == VALID["intrinsics"]["fx"]
@@ -298,16 +304,19 @@ def test_schema_defaults_match_parse_predict():
         assert parsed.max_depth == depth
 
 
-@pytest.mark.parametrize("field", ["encoder", "dataset", "output_dtype"])
-def test_schema_enums_are_exactly_what_parse_predict_accepts(field):
-    method = P.REL_DEPTH  # the one method that takes every dataset
+@pytest.mark.parametrize("method", sorted(P.PREDICT_METHODS))
+@pytest.mark.parametrize("field", ["encoder", "dataset", "output_dtype", "compression"])
+def test_schema_enums_are_exactly_what_parse_predict_accepts(field, method):
     enum = P.SCHEMA["methods"][method]["fields"][field]["enum"]
-    base = {"v": 1, "method": method, "image": VALID["image"]}
+    base = {"v": 1, "method": method, "image": VALID["image"], "intrinsics": VALID["intrinsics"]}
     for value in enum:
-        parse_predict(dict(base, **{field: value}), frames_for(base))
-    with pytest.raises(P.ZDepthError) as info:
-        parse_predict(dict(base, **{field: "not-a-" + field}), frames_for(base))
-    assert info.value.code == P.BAD_REQUEST
+        if not (field == "dataset" and value == "relative" and method != P.REL_DEPTH):
+            parse_predict(dict(base, **{field: value}), frames_for(base))
+    refused = {"not-a-" + field} | (set(P.OUTPUT_DTYPES) - set(enum) if field == "output_dtype" else set())
+    for value in refused:
+        with pytest.raises(P.ZDepthError) as info:
+            parse_predict(dict(base, **{field: value}), frames_for(base))
+        assert info.value.code == P.BAD_REQUEST
 
 
 # --- the worked examples in the document are real bytes -----------------------------------------
@@ -355,3 +364,24 @@ def test_example_stream_header_is_valid(doc):
     assert f"{len(raw):,}" in doc
     request = parse_predict(header, [data, raw])
     assert request.image.shape == (480, 640, 3) and request.image.channels == "bgr"
+
+
+def test_example_compact_reply_decodes_as_documented(doc):
+    """Worked example 3: the header and the zstd frame are real bytes that zdepth's own decoder
+    and the documented steps (libzstd, running sum, x scale) both read as the table says."""
+    import zstandard
+
+    data, frame = hex_block(doc, "compact-reply-header"), hex_block(doc, "compact-reply-frame")
+    assert f"the {len(data)} bytes the worker sends" in doc and f"**Frame 1**, {len(frame)} bytes" in doc
+    header, arrays = P.unpack([data, frame])
+    assert header["out_of_range"] == 1 and set(header) <= set(P.SCHEMA["reply"]) | {"v"}
+    counts = [[1502, 1503, 1505, 1504], [2000, 2001, 0, 2003]]
+    assert arrays["depth"].tolist() == counts
+    assert zstandard.frame_content_size(frame) == 16
+    deltas = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame, max_output_size=16), "<u2").reshape(2, 4)
+    assert deltas.tolist() == [[1502, 1, 2, 65535], [2000, 1, 63535, 2003]]
+    depth = np.array([[1.5021, 1.5032, 1.5049, 1.5041], [2.0004, 2.0011, 70.0, 2.0026]], np.float32)
+    from zdepth.compact import quantise_depth
+
+    assert quantise_depth(depth, 0.001)[0].tolist() == counts
+    assert msgpack.packb(header, use_bin_type=True) == data

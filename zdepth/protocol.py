@@ -426,6 +426,8 @@ def split_envelope(frames: Sequence) -> tuple[list, list]:
 # --- the schema `describe` returns ----------------------------------------------------------
 
 _METRIC_DATASET = {"type": "str", "enum": list(METRIC_DATASETS), "default": "hypersim"}
+# uint16 counts are metric depth's form only: relative depth and clouds keep a float dtype.
+_FLOAT_OUTPUT = {"type": "str", "enum": [d for d in OUTPUT_DTYPES if d.startswith("float")], "default": "float32"}
 _PREDICT_FIELDS = {
     "image": {"type": "map", "required": "unless image_url", "doc": "{frame, format: jpeg|png|raw, shape: [H, W, 3] for raw, channels: bgr|rgb (raw only, default bgr)}"},
     "image_url": {"type": "str", "doc": "http(s) URL fetched by the worker; only when the operator allows the host"},
@@ -471,13 +473,14 @@ SCHEMA = {
         },
         REL_DEPTH: {
             "doc": "metric model with max_depth = 1.0 (depth / max_depth); dataset relative: the relative checkpoint's disparity",
-            "fields": _PREDICT_FIELDS,
+            "fields": dict(_PREDICT_FIELDS, output_dtype=_FLOAT_OUTPUT),
         },
         POINTCLOUD: {
             "doc": "arrays.points float (H*W, 3), row-major pixels, x right, y down, z forward; arrays.colors uint8 RGB when with_color",
             "fields": dict(
                 _PREDICT_FIELDS,
                 dataset=_METRIC_DATASET,
+                output_dtype=_FLOAT_OUTPUT,
                 intrinsics={"type": "map", "required": "unless camera_info", "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0"},
                 camera_info={
                     "type": "map",
