@@ -7,7 +7,7 @@ the caller's hands. Every design runs the same engine on the same JPEG, in its o
 and all configurations are interleaved round by round, so the ratios share the same noise:
 
 - zdepth over tcp and ipc (`DepthClient`), and its options as rows of their own:
-  `output_dtype` float16, and metric depth unprojected in the client (`unproject_locally`);
+  `output_dtype` float16, and the client's compact default (uint16 mm + zstd depth, the cloud rebuilt in the client);
 - the lab API it replaces: FastAPI + uvicorn, base64 JSON, PNG data URLs, httpx keep-alive;
 - the strongest HTTP design: raw binary bodies over a keep-alive `http.client` connection;
 - the floor: a DEALER straight to a ROUTER echo answering with a preallocated array;

@@ -46,12 +46,21 @@ def test_overhead(tmp_path):
     document = run_bench("overhead", tmp_path)
     paths = {r["path"] for r in document["rows"]}
     assert {"zdepth", "floor", "broker"} <= paths
-    assert {r["variant"] for r in document["rows"]} >= {"float16", "unproject_locally"}
+    assert {r["variant"] for r in document["rows"]} >= {"float16", "compact"}
     if HAVE_HTTP:
         assert {"http-json", "http-binary"} <= paths
         assert all(g["met"] is not None for g in document["goals"])
     else:
         assert any("HTTP rows left out" in note for note in document["notes"])
+
+
+def test_compression(tmp_path):
+    document = run_bench("compression", tmp_path)
+    forms = {(r["scene"], r["form"]) for r in document["rows"]}
+    assert ("smooth room", "uint16 zstd") in forms and ("model, input 56", "float32 none") in forms
+    for row in document["rows"]:
+        assert row["bytes"] > 0 and row["encode_ms"] > 0 and row["decode_ms"] > 0
+        assert row["max_error_m"] <= (0.0005 + 1e-5 if row["form"].startswith("uint16") else 0.01)
 
 
 def test_throughput(tmp_path):
