@@ -44,6 +44,8 @@ VALID_PREDICT = {
     "dataset": "hypersim",
     "input_size": 56,
     "output_dtype": "float32",
+    "depth_scale": 0.001,
+    "compression": "zstd",
     "with_color": False,
 }
 PIXELS = bytes(2 * 3 * 3)
@@ -82,6 +84,22 @@ def test_arbitrary_frames_unpack(parts):
 @given(values, frames)
 def test_arbitrary_array_descriptor(desc, parts):
     only_protocol_errors(P.array_from_frames, desc, [b"h", *parts])
+
+
+@SETTINGS
+@given(
+    st.sampled_from(sorted(P.WIRE_DTYPES)),
+    st.lists(st.integers(min_value=0, max_value=2**40), min_size=1, max_size=4),
+    st.sampled_from([*P.COMPRESSIONS, "lz4", None, 1]),
+    st.sampled_from([*P.FILTERS, "shuffle", None]),
+    st.one_of(st.binary(max_size=96), st.binary(max_size=400).map(lambda b: __import__("zstandard").ZstdCompressor().compress(b))),
+)
+def test_compressed_descriptors_never_overrun(dtype, shape, compression, filter_, payload):
+    """Any descriptor and payload: an array of exactly the declared size, or a protocol error."""
+    desc = {"frame": 1, "dtype": dtype, "shape": shape, "compression": compression, "filter": filter_}
+    array = only_protocol_errors(P.array_from_frames, desc, [b"h", payload])
+    if array is not None:
+        assert list(array.shape) == shape and array.nbytes == math.prod(shape) * np.dtype(dtype).itemsize
 
 
 @SETTINGS
@@ -158,9 +176,13 @@ arrays = st.builds(
 
 
 @SETTINGS
-@given(st.dictionaries(st.text(min_size=1, max_size=8), arrays, max_size=4), st.dictionaries(st.text(max_size=8).filter(lambda k: k != "arrays"), scalars, max_size=4))
-def test_pack_unpack_round_trip(named_arrays, fields):
-    wire = [bytes(frame) for frame in P.pack(fields, named_arrays)]
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=8), arrays, max_size=4),
+    st.dictionaries(st.text(max_size=8).filter(lambda k: k != "arrays"), scalars, max_size=4),
+    st.sampled_from(P.COMPRESSIONS),
+)
+def test_pack_unpack_round_trip(named_arrays, fields, compression):
+    wire = [bytes(frame) for frame in P.pack(fields, named_arrays, compression=compression)]
     header, decoded = P.unpack(wire)
     for name, value in fields.items():
         assert header[name] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(header[name]))
