@@ -54,6 +54,7 @@ from .workers import WorkerRecord, worker_capacity, worker_info, worker_models
 log = logging.getLogger("zdepth.broker")
 
 PUB_MAX_INBOUND_BYTES = 1024  # what a subscriber sends the PUB socket: subscriptions to stream names
+IMAGEZMQ_SUB_HWM = 2  # imagezmq PUB/SUB frames queued per sender: only the newest is ever used
 
 
 @dataclass
@@ -65,6 +66,7 @@ class BrokerConfig:
     pub: Optional[str] = None  # stream results (PUB)
     imagezmq: Optional[str] = None  # optional ingress for unchanged imagezmq senders (REP)
     imagezmq_fields: dict = field(default_factory=lambda: {"method": P.METRIC_DEPTH})  # prediction fields for them
+    imagezmq_sub: tuple = ()  # endpoints of imagezmq PUB senders (REQ_REP=False: they bind) the broker subscribes to
     keys: Optional[KeyStore] = None
     require_auth: bool = False
     max_queue: int = 64  # requests waiting for a worker; beyond it `overloaded` at once
@@ -151,13 +153,33 @@ class Broker:
         self.stream = self._socket(zmq.PULL, [config.stream], frame_cap) if config.stream else None
         self.pub = self._socket(zmq.PUB, [config.pub], PUB_MAX_INBOUND_BYTES, sndhwm=config.pub_hwm) if config.pub else None
         self.imagezmq = self._socket(zmq.REP, [config.imagezmq], frame_cap) if config.imagezmq else None
+        self.imagezmq_sub = self._subscriber(config.imagezmq_sub, frame_cap) if config.imagezmq_sub else None
         self._imagezmq_seq: collections.Counter = collections.Counter()
         self.poller = zmq.Poller()
-        for sock in (self.frontend, self.backend, self.stream, self.imagezmq):
+        for sock in (self.frontend, self.backend, self.stream, self.imagezmq, self.imagezmq_sub):
             if sock is not None:
                 self.poller.register(sock, zmq.POLLIN)
         if config.metrics_port is not None:
             self.exporter = PrometheusExporter(self.metrics, self.gauges, config.metrics_host, config.metrics_port)
+
+    def _subscriber(self, endpoints: tuple, max_frame: int) -> zmq.Socket:
+        """A SUB socket connected to imagezmq PUB senders (which bind), subscribed to everything:
+        at most IMAGEZMQ_SUB_HWM messages wait per sender (libzmq drops newer ones beyond, and the
+        stream slots keep only the newest anyway), each at most `max_frame` bytes. No CURVE:
+        an unchanged imagezmq sender cannot speak it."""
+        sock = self.context.socket(zmq.SUB)
+        self._sockets.append(sock)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, IMAGEZMQ_SUB_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        sock.setsockopt(zmq.IPV6, 1)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")  # imagezmq publishes without a topic frame
+        for endpoint in endpoints:
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as exc:
+                raise BindError(f"cannot connect to imagezmq sender {endpoint}: {exc.strerror}") from None
+        return sock
 
     def _socket(self, kind: int, endpoints: list, max_frame: Optional[int], sndhwm: int = 1000) -> zmq.Socket:
         """A bound socket. `max_frame` marks a public socket: it gets MAXMSGSIZE and, when
@@ -205,6 +227,8 @@ class Broker:
             self._drain(self.stream, self._on_stream)
         if self.imagezmq is not None and self.imagezmq in events:
             self._drain(self.imagezmq, self._on_imagezmq, limit=1)  # REP: one request, one reply
+        if self.imagezmq_sub is not None and self.imagezmq_sub in events:
+            self._drain(self.imagezmq_sub, self._on_imagezmq_frame)
         now = time.monotonic()
         self._tick(now)
         self._dispatch(now)
@@ -373,6 +397,10 @@ class Broker:
         """An unchanged imagezmq sender (REQ/REP, see broker/imagezmq.py): no key there, so
         bind this port only where the senders are trusted."""
         self.imagezmq.send(b"OK")  # the sender blocks until answered, whatever happens next
+        self._on_imagezmq_frame(frames)
+
+    def _on_imagezmq_frame(self, frames: list) -> None:
+        """One imagezmq message, from the REP port or from a subscribed PUB sender: a stream frame."""
         self.metrics.count("imagezmq_frames")
         name = None
         try:

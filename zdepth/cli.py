@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from . import protocol as P
-from . import keys_cli, serve
+from . import keys_cli, record, serve, view
 from .protocol import ZDepthError
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -35,6 +35,7 @@ USER_ERRORS = (
     ("zdepth.model.checkpoints", "CheckpointError"),
     ("zdepth.weights", "DownloadError"),
     ("zdepth.keys_cli", "KeysError"),
+    ("zdepth.stream_tools", "StreamOptionsError"),
 )
 
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights(commands)
     serve.register(commands)
     keys_cli.register(commands)
+    record.register(commands)
+    view.register(commands)
     return parser
 
 
@@ -106,6 +109,8 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cy", type=float, help="default: height / 2")
     parser.add_argument("--with-color", action="store_true", help="write the pixels' colours into the .ply")
     parser.add_argument("--out", default=".", metavar="DIR", help="output folder (default: the current one)")
+    parser.add_argument("--rrd", metavar="FILE", help="also log each image, depth and point cloud to a rerun recording (viewer extra), "
+                        "entity world/predict, timeline `image`")
     add_engine_options(parser)
     parser.set_defaults(func=cmd_predict)
 
@@ -121,6 +126,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .geometry import colorize, write_ply
     from .images import encode_png, read_image
+    from .request import check_intrinsics
 
     engine = Engine(args.checkpoint_dir, device=args.device, dtype=args.dtype, random_weights=args.random_weights)
     weights = "random weights" if args.random_weights else args.checkpoint_dir
@@ -128,7 +134,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metric = args.dataset != "relative"
-    for name in args.images:
+    rec = view.recording(args.rrd) if args.rrd else None
+    for index, name in enumerate(args.images):
         path = Path(name)
         try:
             image = read_image(path)
@@ -150,10 +157,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             depth = result.arrays["points"][:, 2].reshape(height, width)
             write_ply(out / f"{path.stem}.ply", result.arrays["points"], result.arrays.get("colors"))
         np.save(out / f"{path.stem}_depth.npy", depth.astype(np.float32))
+        if rec is not None:
+            rec.set_time("image", sequence=index)
+            view.log_frame(rec, "world/predict", depth, None if args.fx is None else check_intrinsics(intrinsics), image[..., ::-1])
         (out / f"{path.stem}_depth.png").write_bytes(encode_png(colorize(depth, invert=metric)[..., ::-1]))
         timing = " ".join(f"{k[:-3]} {v:.1f}" for k, v in result.timing.items())
         unit = "m" if metric else "(disparity)"
         print(f"{path}: {width}x{height} depth {result.min:.3f}..{result.max:.3f} {unit}, ms: {timing}")
+    if rec is not None:
+        rec.disconnect()  # flushes the file
     return 0
 
 

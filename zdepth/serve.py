@@ -57,6 +57,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-allow-any", action="store_true", help="with CURVE, any client knowing the server's public key may connect (encryption only)")
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics (needs prometheus_client)")
     parser.add_argument("--imagezmq", action="store_true", help="accept unchanged imagezmq senders (REQ/REP) on PORT+4; no keys there")
+    parser.add_argument("--imagezmq-sub", action="append", default=[], metavar="ENDPOINT",
+                        help="subscribe to an imagezmq PUB sender (ImageSender(connect_to='tcp://*:5555', REQ_REP=False) binds), "
+                             "e.g. tcp://camera-host:5555; repeatable; no keys there")
     parser.add_argument("--imagezmq-fields", type=json.loads, default={"method": P.METRIC_DEPTH}, metavar="JSON",
                         help='prediction fields for imagezmq streams, e.g. \'{"method": "metric_depth", "input_size": 518}\'')
     add_arguments(parser, WorkerOptions, only=SHARED_WITH_BROKER)
@@ -81,6 +84,7 @@ def broker_config(args: argparse.Namespace, expect_workers: int = 0):
         pub=f"tcp://{args.host}:{args.port + P.PUB_PORT_OFFSET}",
         imagezmq=f"tcp://{args.host}:{args.port + P.IMAGEZMQ_PORT_OFFSET}" if args.imagezmq else None,
         imagezmq_fields=args.imagezmq_fields,
+        imagezmq_sub=tuple(args.imagezmq_sub),
         keys=KeyStore(args.api_key, args.api_key_file),
         require_auth=args.require_auth,
         max_queue=args.max_queue,
