@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from zdepth import protocol as P
+from zdepth.camera import camera_info_field, resolve_intrinsics
 from zdepth.compact import to_metres
 from zdepth.geometry import unproject
 from zdepth.protocol import ZDepthError
@@ -395,17 +396,21 @@ class DepthClient:
     def pointcloud(
         self,
         image: ImageInput,
-        intrinsics: Any,
+        intrinsics: Any = None,
         max_depth: Optional[float] = None,
         with_color: bool = False,
         *,
+        camera_info: Any = None,
         server_side: bool = False,
         channels: str = "bgr",
         timeout: Optional[float] = None,
         **opts: Any,
     ) -> PointCloudResult:
         """A point cloud, float32 (H*W, 3) in metres. `intrinsics`: {fx, fy, cx, cy} or a 3x3
-        matrix K, in pixels of the image as sent.
+        matrix K, in pixels of the image as sent; or, instead, `camera_info`: a ROS CameraInfo-shaped
+        map {k, width, height, d, distortion_model} whose K is scaled to the image's size by
+        `zdepth.camera.resolve_intrinsics` (the rule the server applies; bad_request if the sizes
+        differ by more than one uniform scale or d is non-zero).
 
         By default the server sends compact depth (uint16 mm + zstd, see `metric_depth`) and
         the cloud is rebuilt here with `zdepth.geometry.unproject`, the server's own formula:
@@ -416,16 +421,19 @@ class DepthClient:
 
         ``server_side=True`` asks for the server's float32 cloud instead (exact, 3.7 MB for
         640x480; `opts` may add output_dtype float16 and compression)."""
-        intrinsics = intrinsics_dict(intrinsics)
+        if (intrinsics is None) == (camera_info is None):
+            raise ValueError("give exactly one of intrinsics and camera_info")
+        camera = {"camera_info": camera_info_field(camera_info)} if camera_info is not None else {"intrinsics": intrinsics_dict(intrinsics)}
         message = image_message(image, channels)
         if not server_side:
             colors = rgb_pixels(*message) if with_color else None  # before the request: a decode error costs no round trip
             opts = {**compact_defaults(P.METRIC_DEPTH), **opts}
             depth = depth_result(*self._predict(P.METRIC_DEPTH, message, timeout, max_depth=max_depth, **opts))
             fields = Result.fields_from(depth.header)
-            return PointCloudResult(points=unproject(depth.depth, intrinsics), colors=colors, depth=depth.depth, **fields)
+            k = resolve_intrinsics(camera.get("intrinsics"), camera.get("camera_info"), *depth.depth.shape)
+            return PointCloudResult(points=unproject(depth.depth, k), colors=colors, depth=depth.depth, **fields)
         header, arrays = self._predict(
-            P.POINTCLOUD, message, timeout, intrinsics=intrinsics, max_depth=max_depth, with_color=bool(with_color), **opts
+            P.POINTCLOUD, message, timeout, **camera, max_depth=max_depth, with_color=bool(with_color), **opts
         )
         points = to_metres(arrays["points"], header["arrays"]["points"])
         return PointCloudResult(points=points, colors=arrays.get("colors"), **Result.fields_from(header))
