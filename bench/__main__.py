@@ -12,7 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import compression, latency, overhead, stream, throughput
+from bench import (
+    broker_capacity,
+    compression,
+    latency,
+    network,
+    overhead,
+    stream,
+    throughput,
+)
 from bench.common import DEFAULT_OUT_DIR, print_goals, progress
 
 # name -> (one line of help, add its options to a parser, run it with the parsed arguments)
@@ -22,6 +30,8 @@ BENCHMARKS = {
     "throughput": ("N concurrent clients on all CPU workers: requests/s and latency", throughput.add_throughput_arguments, throughput.run_throughput),
     "scaling": ("requests/s from 1 to as many workers as the machine has cores", throughput.add_scaling_arguments, throughput.run_scaling),
     "stream": ("1 and 3 cameras at 15/30/60 fps: latency and drops over time", stream.add_arguments, stream.run),
+    "broker": ("requests/s and MB/s one broker relays with zero-compute stand-in workers", broker_capacity.add_arguments, broker_capacity.run),
+    "network": ("reply forms and HTTP baselines over a shaped veth link between network namespaces (root)", network.add_arguments, network.run),
     "compression": ("bytes and codec time of every wire form of a 640x480 depth map", compression.add_arguments, compression.run),
 }
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -22,6 +26,8 @@ def run_bench(name: str, out_dir: Path, *extra: str) -> dict:
     result = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--out-dir", str(out_dir), *extra],
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, f"python -m bench {name} --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    if f"{name} bench skipped:" in result.stdout:  # e.g. root without the right to create network namespaces
+        pytest.skip(result.stdout.strip().splitlines()[-1])
     assert "|---" in result.stdout, "no table printed"
     document = json.loads((out_dir / f"{name}.json").read_text())
     assert document["benchmark"] == name
@@ -91,3 +97,43 @@ def test_served_vs_bare_on_cpu(monkeypatch):
     result = served_vs_bare(device="cpu", dtype="fp32", iterations=2, input_size=56, threads=1)
     paths = {(r["path"], r["transport"]) for r in result["rows"]}
     assert paths >= {("zdepth", "tcp"), ("zdepth", "ipc"), ("floor", "tcp"), ("floor", "ipc")}
+
+
+def test_broker_capacity(tmp_path):
+    document = run_bench("broker", tmp_path, "--sizes", "100,200000")
+    assert [(r["reply_bytes"], r["workers"]) for r in document["rows"]] == [(100, 1), (100, 4), (200000, 1), (200000, 4)]
+    for row in document["rows"]:
+        assert row["requests"] > 0 and not row["errors"], row
+        assert row["cpu_percent"]["broker"] > 0
+    big = next(r for r in document["rows"] if r["reply_bytes"] == 200000)
+    assert big["mb_per_s"] >= big["rps"] * 0.2  # each counted reply carried its 0.2 MB
+
+
+def namespaces() -> list:
+    listing = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True, timeout=30).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.strip()]
+
+
+NETWORK_TOOLS = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+
+
+@pytest.mark.skipif(not NETWORK_TOOLS, reason="the network bench needs root, ip and tc")
+def test_network(tmp_path):
+    before = set(namespaces())
+    document = run_bench("network", tmp_path)
+    assert set(namespaces()) <= before, "the bench left its network namespaces behind"
+    rows = {(r["link"], r["key"]) for r in document["rows"]}
+    keys = {"cloud_f32", "depth_f32", "depth_f16", "depth_u16", "depth_u16_zstd", "cloud_default"} | ({"http_binary", "http_json"} if HAVE_HTTP else set())
+    assert rows == {(link, key) for link in ("1gbit", "100mbit") for key in keys}
+    by_key = {r["key"]: r for r in document["rows"] if r["link"] == "100mbit"}
+    # bytes counted on the link: the compact forms are smaller than float32, the cloud largest
+    assert by_key["depth_u16_zstd"]["reply_bytes"] < by_key["depth_u16"]["reply_bytes"] < by_key["depth_f32"]["reply_bytes"] < by_key["cloud_f32"]["reply_bytes"]
+    assert by_key["cloud_default"]["reply_bytes"] == pytest.approx(by_key["depth_u16_zstd"]["reply_bytes"], rel=0.2)
+    for row in document["rows"]:
+        assert row["rt_n"] >= 1 and row["floor_ms"] > 0 and row["overhead_vs_floor"] > 0
+    config = document["config"]
+    assert config["added_delay_ms"] == 0.0 and config["links"]["100mbit"]["rtt_ms"] > 0
+    depth_scale = config["links"]["100mbit"]["depth_scale"]
+    # half a count, plus float32 rounding of z and of count x scale (an ulp is 1.9e-6 m at 16-32 m)
+    assert config["links"]["100mbit"]["max_z_error_m"] <= depth_scale / 2 + 4e-6
+    assert {g["met"] for g in document["goals"]} <= {True, False}
