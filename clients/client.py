@@ -296,13 +296,15 @@ def _public(header: Mapping[str, Any]) -> dict:
 class DepthClient:
     """A connection to a zdepth broker: request/reply over a DEALER socket.
 
-    `timeout` (seconds) bounds each call as a whole, retries included. Every method is
-    idempotent, so a call is retried up to `retries` times when no reply comes (the Lazy
-    Pirate pattern: the socket is closed and a fresh one resends the same request, same id)
-    or when the server answers with a retryable code (overloaded, worker_lost, timeout).
-    Each try waits for the time left divided by the tries left, and tells the server a
-    slightly shorter deadline (`timeout_ms`), so it drops work nobody waits for any more and
-    its `timeout` answer still reaches us.
+    `timeout` (seconds) is each call's total budget, retries included, and each try may use
+    all of the time that is left: a slow result is waited for, not cut short and recomputed.
+    Every method is idempotent, so a call is sent again, up to `retries` times, when the
+    server answers with a retryable code that comes back early (overloaded, worker_lost,
+    shutting_down), after a backoff. Its `timeout` answer is not retried: it means the budget
+    is spent. Each try tells the server a slightly shorter deadline (`timeout_ms`), so it
+    drops work nobody waits for any more and its `timeout` answer still reaches us. When no
+    reply comes at all, the socket is replaced by a fresh one for the next call (the Lazy
+    Pirate pattern), since the peer may be gone.
 
     `encoder`, `dataset` and `input_size` are defaults for every prediction; a call's own
     options win. `server_key` / `client_keys` turn on CURVE encryption (see
@@ -359,7 +361,8 @@ class DepthClient:
     # -- broker methods ----------------------------------------------------------------------
 
     def health(self, *, timeout: Optional[float] = None) -> dict:
-        """status ("healthy" | "degraded" | "no_workers"), workers, queue. Needs no key."""
+        """status ("healthy" | "degraded" | "not_ready" | "no_workers" | "draining"), live, ready,
+        workers, queue (docs/protocol.md section 8). Needs no key."""
         return _public(self.request(P.HEALTH, timeout=timeout)[0])
 
     def describe(self, *, timeout: Optional[float] = None) -> dict:
@@ -467,35 +470,38 @@ class DepthClient:
                 raise RuntimeError("the client is closed")
             request_id = next(self._ids)
             last_error: Optional[ServerError] = None
+            sent = 0
             for attempt in range(tries):
-                wait = (deadline - time.monotonic()) / (tries - attempt)
+                wait = deadline - time.monotonic()  # every try may use all the time left
                 if wait <= 0:
                     break
                 server_wait = wait - min(_SERVER_MARGIN_S, wait / 5)
                 header = P.request_header(method, id=request_id, key=self.key, timeout_ms=max(1, int(server_wait * 1000)), **(header_fields or {}))
                 self._socket.send_multipart([b"", P.packb(header), *frames], copy=False)
+                sent += 1
                 reply = self._receive(request_id, wait)
-                if reply is None:  # Lazy Pirate: the peer may be gone; a fresh socket resends
+                if reply is None:  # Lazy Pirate: the peer may be gone; the next call starts on a fresh socket
                     self._socket.close(linger=0)
                     self._socket = self._connect()
-                    continue
+                    break
                 header, arrays = reply
                 if header.get("ok") is True:
                     return header, arrays
                 last_error = ServerError.from_reply(header)
-                if not last_error.retryable:
+                if not last_error.retryable or last_error.code == P.TIMEOUT:  # the server's timeout: the budget is spent
                     raise last_error
                 time.sleep(max(0.0, min(_BACKOFF_S * 2**attempt, _BACKOFF_MAX_S, deadline - time.monotonic())))
             if last_error is not None:
                 raise last_error
             hint = " (CURVE is on: a wrong server_key or a client key the server does not allow also looks like this)" if self._curve else ""
-            raise Timeout(f"no reply from {self.endpoint} to {method} within {timeout:g} s ({tries} tries){hint}")
+            raise Timeout(f"no reply from {self.endpoint} to {method} within {timeout:g} s ({sent} {'try' if sent == 1 else 'tries'}){hint}")
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
+        socket.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:P and IPv6 host names
         if self._curve is not None:
             self._curve.apply(socket)
         try:

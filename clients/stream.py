@@ -45,6 +45,11 @@ DEFAULT_RESULTS = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.PUB_PORT_OFFSET}"
 _PUSH_HWM = 2
 # Results waiting in the subscriber; older ones are worthless once a newer one arrives.
 _SUB_HWM = 4
+# ZeroMQ's I/O thread stops reading the connection while the subscriber's queue is full and
+# refills it only as it empties, so an empty queue after a backlog does not mean nothing newer
+# has arrived. `latest` then waits this long for the refill (at most _REFILL_BUDGET_S in all).
+_REFILL_WAIT_S = 0.02
+_REFILL_BUDGET_S = 0.5
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Source = Union[int, str, os.PathLike, Iterable]
@@ -132,6 +137,7 @@ class CameraPublisher:
         # While the connection is still being made (or the broker restarts) at most this many
         # frames wait in the pipe; the rest are dropped here, and the broker keeps the newest.
         self._socket.setsockopt(zmq.SNDHWM, _PUSH_HWM)
+        self._socket.setsockopt(zmq.IPV6, 1)
         if curve is not None:
             curve.apply(self._socket)
         self._socket.connect(endpoint)
@@ -290,6 +296,7 @@ class DepthSubscriber:
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, _SUB_HWM)
+        self._socket.setsockopt(zmq.IPV6, 1)
         for name in self.streams or [""]:
             self._socket.setsockopt(zmq.SUBSCRIBE, name.encode())
         if curve is not None:
@@ -318,14 +325,25 @@ class DepthSubscriber:
                 return result
 
     def latest(self, timeout: Optional[float] = None) -> Optional[StreamResult]:
-        """Wait up to `timeout` seconds (None: forever) for a result, then drain everything
-        already waiting and return only the newest; older ones are counted in `skipped`."""
+        """Wait up to `timeout` seconds (None: forever) for a result, then read everything that
+        has arrived and return only the newest; older ones are counted in `skipped`.
+
+        After a backlog (half the socket's queue read at once, or a refill that came) the queue
+        may only look empty while ZeroMQ refills it from the connection, so it is given
+        _REFILL_WAIT_S to refill before the newest is decided (for at most _REFILL_BUDGET_S in
+        all); a caller that keeps up pays no wait."""
         newest = self.recv(timeout)
+        refill_until = time.monotonic() + _REFILL_BUDGET_S
+        read, backlog = 1, False
         while newest is not None:
             newer = self.recv(0)
+            if newer is None and (backlog or read >= _SUB_HWM // 2) and time.monotonic() < refill_until:
+                newer = self.recv(_REFILL_WAIT_S)
+                backlog = newer is not None
             if newer is None:
                 break
             self.skipped += 1
+            read += 1
             newest = newer
         return newest
 

@@ -507,7 +507,7 @@ SCHEMA = {
 
 
 def check_stream_name(name: Any) -> str:
-    if not isinstance(name, str) or not STREAM_NAME.match(name):
+    if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
         raise bad_request("`stream` must be 1-64 characters from A-Z a-z 0-9 _ . : / -")
     return name
 

@@ -51,6 +51,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--jpeg-quality", type=int, default=None, help="JPEG-encode frames before sending (slow links)")
     parser.add_argument("--save", type=Path, default=None, help="write colour-mapped depth PNGs here instead of a window")
+    parser.add_argument("--wait", type=float, default=10.0,
+                        help="when the source ends, wait up to this many seconds after the last result for the last frame's result")
     args = parser.parse_args(argv)
 
     import cv2  # the window and the PNG writer
@@ -76,17 +78,27 @@ def main(argv: Optional[list] = None) -> int:
     camera.start()
 
     shown, last_report, last_result = 0, time.monotonic(), time.monotonic()
+    ended_at: Optional[float] = None  # when the source ran out
     try:
         while not stop.is_set():
             result = subscriber.latest(timeout=0.5)
             now = time.monotonic()
+            if ended_at is None and not camera.is_alive():
+                ended_at = now
             if result is None:
-                if not camera.is_alive() and now - last_result > 2.0:
-                    break  # the source ended and the last results are in
+                # The broker always computes a stream's newest frame, so the last frame's result
+                # comes; a frame dropped locally never does, hence the bound.
+                if ended_at is not None and now - max(last_result, ended_at) > args.wait:
+                    print(f"no result for {args.wait:g} s after the source ended; giving up on the rest")
+                    break
                 continue
             last_result = now
+            # the last frame's result: the camera thread has offered every frame it will
+            last = not camera.is_alive() and result.seq is not None and result.seq >= publisher.sent + publisher.dropped_local - 1
             if not result.ok:
                 print(f"seq {result.seq}: {result.error}")
+                if last:
+                    break
                 continue
             view = cv2.cvtColor(colorize(result.depth, invert=args.method == "metric_depth"), cv2.COLOR_RGB2BGR)
             if args.save is not None:
@@ -96,6 +108,8 @@ def main(argv: Optional[list] = None) -> int:
                 if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                     break
             shown += 1
+            if last:
+                break
             if now - last_report >= 1.0:
                 print(
                     f"{shown / (now - last_report):5.1f} fps shown | seq {result.seq} | latency {_ms(result.latency_ms)} "

@@ -31,40 +31,48 @@ import numpy as np
 import zmq
 
 PROTOCOL_VERSION = 1
-RETRYABLE = {"overloaded", "worker_lost", "timeout"}  # error codes worth sending again
+RETRYABLE = {"overloaded", "worker_lost", "shutting_down"}  # answered early: worth sending again within the budget
+SERVER_MARGIN_S = 0.2  # the server is told a deadline this much shorter, so its `timeout` answer reaches us
 
 
 class DepthLink:
-    """A REQ socket with a receive timeout that is replaced when the server stops answering."""
+    """A REQ socket that is replaced when the server stops answering. `timeout_s` is each
+    request's whole budget, retries included: every try may use all the time that is left."""
 
     def __init__(self, server: str, timeout_s: float, retries: int):
-        self.server, self.timeout_ms, self.retries = server, int(timeout_s * 1000), retries
+        self.server, self.timeout_s, self.retries = server, timeout_s, retries
         self.context = zmq.Context.instance()
         self.socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
         socket = self.context.socket(zmq.REQ)
         socket.setsockopt(zmq.LINGER, 0)  # never hang on close with unsent requests
-        socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)  # recv raises zmq.Again after this
+        socket.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:5555 works too
         socket.connect(self.server)
         return socket
 
     def request(self, header: dict, payload: bytes) -> Optional[tuple[dict, list]]:
-        """(reply header, frames), or None when the server did not answer after all retries."""
-        header = dict(header, timeout_ms=self.timeout_ms)  # the server gives up when we do
+        """(reply header, frames), or None when no reply came within the budget. Retryable
+        answers are sent again after a backoff; a `timeout` answer is not (the budget is spent)."""
+        deadline = time.monotonic() + self.timeout_s
         for attempt in range(self.retries + 1):
-            self.socket.send_multipart([msgpack.packb(header), payload])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(left * 1000)))  # recv raises zmq.Again after this
+            server_ms = max(1, int((left - min(SERVER_MARGIN_S, left / 5)) * 1000))  # the server gives up just before we do
+            self.socket.send_multipart([msgpack.packb(dict(header, timeout_ms=server_ms)), payload])
             try:
                 frames = self.socket.recv_multipart()
             except zmq.Again:
-                print(f"  no reply in {self.timeout_ms} ms (try {attempt + 1}); reconnecting", file=sys.stderr)
+                print(f"  no reply within {self.timeout_s:g} s; reconnecting", file=sys.stderr)
                 self.socket.close()
-                self.socket = self._connect()
-                continue
+                self.socket = self._connect()  # REQ cannot send again before it received
+                return None
             reply = msgpack.unpackb(frames[0])  # REQ only delivers the reply to this request
             if reply["ok"] or reply["error"]["code"] not in RETRYABLE or attempt == self.retries:
                 return reply, frames
-            time.sleep(0.1 * 2**attempt)
+            time.sleep(max(0.0, min(0.1 * 2**attempt, deadline - time.monotonic())))
         return None
 
     def close(self) -> None:
@@ -98,7 +106,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--intrinsics", type=float, nargs=4, default=[525.0, 525.0, 319.5, 239.5], metavar=("FX", "FY", "CX", "CY"))
     parser.add_argument("--max-depth", type=float, default=10.0, help="metres; the depth range the model is scaled to")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per try")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request, retries included")
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--hz", type=float, default=5.0, help="control loop rate")
     args = parser.parse_args(argv)
@@ -129,7 +137,7 @@ def main(argv: Optional[list] = None) -> int:
             if not reply["ok"]:
                 code, message = reply["error"]["code"], reply["error"]["message"]
                 print(f"[{i}] error {code}: {message}: speed 0.00 m/s")
-                if code not in RETRYABLE:
+                if code not in RETRYABLE and code != "timeout":
                     return 2  # a bad key or a bad request will not get better by asking again
                 continue
             points = array(reply, frames, "points")
