@@ -35,7 +35,6 @@ from bench.common import (
 )
 
 SOURCE = REPO / "clients" / "cpp"
-PROGRAMS = ("depth_request", "stream_subscriber")
 DEFAULT_INPUT_SIZE = 56  # compute is subtracted; a small input keeps CPU rounds short
 FORMS = (  # (method, output_dtype, compression): the same explicit wire form for both clients
     ("metric_depth", "float32", "none"),

@@ -10,6 +10,7 @@ A compile error always fails.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -21,6 +22,7 @@ import zmq
 import zmq.auth
 import zstandard
 
+from bench.common import REPO
 from bench.cpp_client import BuildUnavailable, build
 from clients import CameraPublisher, DepthClient
 from tests.servers import TEST_INPUT_SIZE, Process, Server, free_port_block
@@ -48,7 +50,7 @@ def unavailable(reason: str):
 
 @pytest.fixture(scope="session")
 def cpp(tmp_path_factory) -> Path:
-    """The folder with `depth_request` and `stream_subscriber`: one configure + build per session."""
+    """The folder with `depth_request`, `stream_subscriber` and `points`: one configure + build per session."""
     try:
         return build(tmp_path_factory.mktemp("cpp-build"))["bin"]
     except BuildUnavailable as exc:
@@ -122,6 +124,20 @@ def test_raw_pixels_colours_and_depth_scale_match_python(cpp, files, server, soc
     assert same_bits(np.load(out), np.asarray(cloud.points))
     assert np.array_equal(np.load(colors), cloud.colors) and np.load(colors).dtype == np.uint8
     assert depth.scale == 0.002 and same_bits(np.load(depth_out), np.asarray(depth.depth))
+
+
+def test_camera_info_matches_python(cpp, files, server):
+    """A ROS CameraInfo at 640x480 instead of intrinsics: the server scales K to the 64x48 image."""
+    info = {"k": [500.0, 0.0, 319.5, 0.0, 510.0, 239.5, 0.0, 0.0, 1.0], "width": 640, "height": 480,
+            "d": [0.0] * 5, "distortion_model": "plumb_bob"}
+    out = files["out"] / "camera-info.npy"
+    run = depth_request(cpp, server.endpoint, files["png"], out, "--method", "pointcloud", "--key", KEY,
+                        "--camera-k", ",".join(map(str, info["k"])), "--camera-size", "640x480", "--camera-d", "0,0,0,0,0",
+                        "--distortion-model", "plumb_bob", "--output-dtype", "float32", "--compression", "zstd")
+    assert run.returncode == 0, run.stderr
+    with DepthClient(server.endpoint, key=KEY, timeout=60, input_size=TEST_INPUT_SIZE) as client:
+        expected = client.pointcloud(files["png"].read_bytes(), camera_info=info, server_side=True, output_dtype="float32", compression="zstd")
+    assert same_bits(np.load(out), np.asarray(expected.points))
 
 
 def test_wrong_key_exits_1_with_unauthorized(cpp, files, server):
@@ -220,6 +236,16 @@ def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
     seqs = [int(line.split("seq=")[1].split()[0]) for line in lines]
     assert seqs == sorted(seqs) and len(set(seqs)) == count
     assert all(f"stream={stream} " in line and "latency_ms=" in line and "shape=[48, 64]" in line for line in lines)
+
+
+def test_protocol_doc_example_is_the_compiled_program(cpp, files, server):
+    """docs/protocol.md's C++ example is examples/points.cpp verbatim, and it works."""
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    section = re.search(r"^## \d+\. Reading reply arrays.*?(?=^## )", doc, re.S | re.M).group(0)
+    block = re.search(r"```cpp\n(.*?)```", section, re.S).group(1)
+    assert block == (REPO / "clients" / "cpp" / "examples" / "points.cpp").read_text()
+    run = subprocess.run([str(cpp / "points"), server.endpoint, str(files["png"]), KEY], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith(f"{IMAGE.shape[0] * IMAGE.shape[1]} points"), run.stderr
 
 
 def test_subscriber_without_results_exits_2(cpp, server):
@@ -365,7 +391,7 @@ def test_zstd_frame_of_the_wrong_size_is_a_clear_error(cpp, files, case, frame):
     ({"frame": 1, "dtype": "float32", "shape": [65536, 65536, 65536]}, bytes(32)),  # far past max_array_bytes
     ({"frame": 1, "dtype": "float32", "shape": [8], "filter": "delta_row"}, bytes(32)),  # delta_row is for uint16
     ({"frame": 1, "dtype": "uint16", "shape": [16], "scale": -1.0}, bytes(32)),
-])
+], ids=["short frame", "frame past the end", "float64", "huge shape", "delta_row on float32", "negative scale"])
 def test_inconsistent_descriptors_are_refused(cpp, files, descriptor, frame):
     run, _ = ask_stub(cpp, files, descriptor, frame)
     assert run.returncode == 1 and "internal" in run.stderr, (descriptor, run.stderr)

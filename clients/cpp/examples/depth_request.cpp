@@ -24,6 +24,7 @@ namespace {
 const char kUsageText[] =
     "usage: depth_request --server ENDPOINT --image FILE --method metric_depth|rel_depth|pointcloud --out FILE.npy\n"
     "  [--key K] [--fx F --fy F --cx C --cy C] [--input-size N] [--encoder E] [--dataset D] [--max-depth M]\n"
+    "  [--camera-k K0,...,K8 --camera-size WxH [--camera-d D0,... --distortion-model NAME]] (CameraInfo, not --fx...)\n"
     "  [--output-dtype float32|float16|uint16] [--depth-scale S] [--compression none|zstd]\n"
     "  [--colors-out FILE.npy] [--channels bgr|rgb] [--timeout SECONDS] [--retries N] [--socket dealer|req]\n"
     "  [--server-key KEY|FILE [--client-cert NAME.key_secret]] [--repeat N]\n"
@@ -76,6 +77,38 @@ NpyImage read_npy_pixels(const std::vector<std::uint8_t>& file, const std::strin
     return image;
 }
 
+std::vector<double> numbers(const std::string& text, const std::string& flag) {
+    std::vector<double> values;
+    std::istringstream in(text);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+        std::size_t used = 0;
+        try {
+            values.push_back(std::stod(item, &used));
+        } catch (const std::exception&) {
+        }
+        if (used == 0 || used != item.size()) throw std::invalid_argument(flag + " must be comma-separated numbers");
+    }
+    return values;
+}
+
+// --camera-k (9 numbers, row-major) --camera-size WxH [--camera-d ...] [--distortion-model ...]
+std::optional<zdepth::CameraInfo> camera_info_from(const examples::Args& args) {
+    const auto k = args.get("camera-k"), size = args.get("camera-size");
+    if (!k && !size && !args.get("camera-d") && !args.get("distortion-model")) return std::nullopt;
+    if (!k || !size) throw std::invalid_argument("a CameraInfo needs --camera-k and --camera-size");
+    zdepth::CameraInfo info;
+    const std::vector<double> matrix = numbers(*k, "--camera-k");
+    if (matrix.size() != 9) throw std::invalid_argument("--camera-k needs 9 numbers (row-major K)");
+    std::copy(matrix.begin(), matrix.end(), info.k.begin());
+    char x = 0;
+    std::istringstream dims(*size);
+    if (!(dims >> info.width >> x >> info.height) || x != 'x' || !dims.eof()) throw std::invalid_argument("--camera-size must be WIDTHxHEIGHT");
+    if (auto d = args.get("camera-d")) info.d = numbers(*d, "--camera-d");
+    info.distortion_model = args.get("distortion-model").value_or("");
+    return info;
+}
+
 zdepth::Options options_from(const examples::Args& args) {
     zdepth::Options o;
     o.encoder = args.get("encoder");
@@ -85,6 +118,7 @@ zdepth::Options options_from(const examples::Args& args) {
     o.output_dtype = args.get("output-dtype");
     o.depth_scale = args.number("depth-scale");
     o.compression = args.get("compression");
+    o.camera_info = camera_info_from(args);
     if (args.get("colors-out")) o.with_color = true;
     return o;
 }
@@ -101,7 +135,8 @@ int main(int argc, char** argv) {
         const examples::Args args(argc, argv, {"server", "image", "method", "key", "fx", "fy", "cx", "cy", "input-size", "out",
                                                "encoder", "dataset", "max-depth", "output-dtype", "depth-scale", "compression",
                                                "colors-out", "channels", "timeout", "retries", "socket", "server-key",
-                                               "client-cert", "repeat"});
+                                               "client-cert", "repeat", "camera-k", "camera-size", "camera-d",
+                                               "distortion-model"});
         const std::string method = args.required("method");
         if (method != "metric_depth" && method != "rel_depth" && method != "pointcloud")
             throw std::invalid_argument("--method must be metric_depth, rel_depth or pointcloud");
@@ -139,7 +174,8 @@ int main(int argc, char** argv) {
             intrinsics = zdepth::Intrinsics{*fx, *fy, *cx, *cy};
         }
         if (args.get("colors-out") && method != "pointcloud") throw std::invalid_argument("--colors-out is for pointcloud");
-        if (method == "pointcloud" && !intrinsics) throw std::invalid_argument("pointcloud needs --fx --fy --cx --cy");
+        if (method == "pointcloud" && !intrinsics && !options.camera_info)
+            throw std::invalid_argument("pointcloud needs --fx --fy --cx --cy or --camera-k and --camera-size");
 
         zdepth::Client client(config);
         zdepth::DepthResult depth;
@@ -148,7 +184,7 @@ int main(int argc, char** argv) {
         for (int i = 0; i < repeat; ++i) {
             const auto start = std::chrono::steady_clock::now();
             if (method == "pointcloud") {
-                cloud = client.pointcloud(image, *intrinsics, options);
+                cloud = intrinsics ? client.pointcloud(image, *intrinsics, options) : client.pointcloud(image, options);
                 outcome = {&cloud, &cloud.points};
             } else {
                 zdepth::Options o = options;

@@ -616,6 +616,7 @@ struct Client::Impl {
         socket->set(zmq::sockopt::sndhwm, kClientHwm);
         socket->set(zmq::sockopt::rcvhwm, kClientHwm);
         socket->set(zmq::sockopt::maxmsgsize, max_message_size(config.max_array_bytes));
+        socket->set(zmq::sockopt::ipv6, 1);  // tcp://[::1]:P and IPv6 host names
         apply_curve(*socket, config.curve);
         socket->connect(config.endpoint);
     }
@@ -650,7 +651,8 @@ struct Client::Impl {
                 check_ok(reply->header.get());
                 return std::move(*reply);
             } catch (const ServerError& error) {
-                if (!error.retryable()) throw;
+                // The server's `timeout` means this try's share of the budget is spent: not resent.
+                if (!error.retryable() || error.code() == "timeout") throw;
                 last_error = error;
             }
             const auto backoff = std::min({kBackoff * (1 << std::min(attempt, 10)), kBackoffMax,
@@ -736,6 +738,12 @@ PointCloudResult Client::pointcloud(const Image& image, const Intrinsics& intrin
     return impl_->predict<PointCloudResult>("pointcloud", image, options);
 }
 
+PointCloudResult Client::pointcloud(const Image& image, const Options& options) {
+    if (options.intrinsics.has_value() == options.camera_info.has_value())
+        throw std::invalid_argument("pointcloud needs exactly one of options.intrinsics and options.camera_info");
+    return impl_->predict<PointCloudResult>("pointcloud", image, options);
+}
+
 Health Client::health() {
     Received reply = impl_->request("health", {}, nullptr);
     const Object& header = reply.header.get();
@@ -764,6 +772,7 @@ struct Subscriber::Impl {
         socket.set(zmq::sockopt::linger, 0);
         socket.set(zmq::sockopt::rcvhwm, kSubscriberHwm);
         socket.set(zmq::sockopt::maxmsgsize, max_message_size(config.max_array_bytes));
+        socket.set(zmq::sockopt::ipv6, 1);
         apply_curve(socket, config.curve);
         if (config.streams.empty()) socket.set(zmq::sockopt::subscribe, "");
         for (const std::string& name : config.streams) socket.set(zmq::sockopt::subscribe, name);

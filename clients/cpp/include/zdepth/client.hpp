@@ -95,8 +95,9 @@ struct Image {
     std::string image_url;
 };
 
-// sensor_msgs/CameraInfo's calibration (issue 15's `camera_info` field): the server derives
-// the intrinsics from `k` and checks width/height against the image.
+// sensor_msgs/CameraInfo's calibration (the `camera_info` request field, instead of
+// intrinsics): the server takes fx, fy, cx, cy from `k` and scales them from width x height to
+// the image as sent; `d` must be all zero (send rectified images).
 struct CameraInfo {
     std::array<double, 9> k{};  // 3x3 camera matrix, row-major, pixels
     int width = 0, height = 0;
@@ -116,7 +117,7 @@ struct Options {
     std::optional<std::string> compression;  // none | zstd
     std::optional<Intrinsics> intrinsics;  // set by pointcloud(); optional elsewhere
     std::optional<bool> with_color;  // pointcloud: also return colors
-    std::optional<CameraInfo> camera_info;
+    std::optional<CameraInfo> camera_info;  // instead of intrinsics
 };
 
 // --- what comes back -------------------------------------------------------------------------
@@ -201,7 +202,10 @@ struct ClientConfig {
     // left and tells the server a slightly shorter deadline (timeout_ms).
     std::chrono::milliseconds timeout{30000};
     // Resends after no reply (Lazy Pirate: the socket is closed and a fresh one resends the
-    // same request with the same id) or a retryable error code (after 50 ms, doubling, <= 1 s).
+    // same request with the same id) or an early retryable error (overloaded, worker_lost,
+    // shutting_down; after 50 ms, doubling, <= 1 s). The server's `timeout` answer is not
+    // resent: the try's share of the budget is spent. A compute slower than timeout / (retries
+    // + 1) needs retries = 0 (one try with the whole budget) or a longer timeout.
     int retries = 2;
     SocketKind socket = SocketKind::dealer;
     std::optional<CurveKeys> curve;
@@ -222,6 +226,8 @@ public:
     DepthResult metric_depth(const Image& image, const Options& options = {});
     DepthResult rel_depth(const Image& image, const Options& options = {});
     PointCloudResult pointcloud(const Image& image, const Intrinsics& intrinsics, Options options = {});
+    // With options.intrinsics or (a ROS CameraInfo) options.camera_info set: exactly one.
+    PointCloudResult pointcloud(const Image& image, const Options& options);
     // No key needed; the broker answers it itself.
     Health health();
     // Requests sent so far, resends included (a Lazy-Pirate retry shows here).
