@@ -25,11 +25,14 @@ time is the veth's own, measured as the median TCP connect time (SYN to SYN-ACK)
 Rows, interleaved round by round on each link: the server's float32 point cloud, metric depth
 as float32, float16, uint16 and uint16 + zstd, `DepthClient.pointcloud()` with its defaults
 (compact depth, cloud rebuilt in the client), the HTTP raw-binary and the HTTP JSON/base64
-point clouds. Columns: bytes per reply and per request as counted on the client's veth
-(payload, TCP/IP/Ethernet headers, which tbf counts too, and the ACKs of the other direction,
-a few % at most), round trip and round trip minus the worker's compute (rt-c), the link's
-floor: (request bytes - bucket)+ and (reply bytes - bucket)+ at the rate, plus the RTT; and
-rt-c p50 / floor.
+point clouds. Columns: payload bytes per reply and per request (from the kernel's tcp_info of
+the client's connections: protocol headers and framing included, TCP/IP headers not), round
+trip and round trip minus the worker's compute (rt-c), the link's floor, and rt-c p50 / floor.
+The floor is the least time the shaper allows: the request's then the reply's bytes on the wire
+(payload plus 66 B of Ethernet/IP/TCP header per data segment, as tbf counts them; less a full
+bucket each way) at the rate, plus the RTT. The results file also keeps the interface's own
+byte counts, with how far they are from payload + headers of every segment (a check of that
+model of the wire), and the TCP congestion control of both namespaces.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ QUEUE_LIMIT_BYTES = 4 << 20
 DEFAULT_INPUT_SIZE = 56  # the smallest legal input: compute is subtracted, keep it short
 DEFAULT_LINKS = "1gbit,100mbit"
 RTT_PROBES = 50
+SEGMENT_HEADER_BYTES = 66  # per TCP segment on the wire: Ethernet 14 + IPv4 20 + TCP 20 + timestamp option 12
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,11 @@ class Namespaces:
             total += sum(int(n) for n in re.findall(r"dropped (\d+)", text))
         return total
 
+    def congestion_control(self) -> dict:
+        """The TCP congestion control each namespace's connections use (a per-namespace sysctl)."""
+        return {name: _run("ip", "netns", "exec", name, "cat", "/proc/sys/net/ipv4/tcp_congestion_control").stdout.strip()
+                for name in (self.server, self.client)}
+
     def close(self) -> None:
         for name in reversed(self._created):
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
@@ -226,6 +235,7 @@ def run(args) -> dict:
             print(f"network bench skipped: cannot create network namespaces: {exc}", flush=True)
             return {"rows": [], "goals": [], "skipped": str(exc)}
         netem = namespaces.netem_available()
+        congestion = namespaces.congestion_control()
         notes.append("netem is available but no delay was added" if netem else
                      "this kernel has no netem (tc qdisc netem fails): no delay added; the RTT is the veth's own")
         for note in notes:
@@ -237,7 +247,7 @@ def run(args) -> dict:
             namespaces.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return report(args, measured, size, iterations, netem, notes)
+    return report(args, measured, size, iterations, netem, {"server": congestion[namespaces.server], "client": congestion[namespaces.client]}, notes)
 
 
 def measure(namespaces: Namespaces, tmp: Path, links: list, size: tuple, iterations: int, input_size: int, deadline: float,
@@ -297,13 +307,13 @@ def run_client(argv: list, servers: list, tmp: Path, key: str, timeout_s: float)
     return json.loads((tmp / f"client-{key}.json").read_text())
 
 
-def report(args, measured: dict, size: tuple, iterations: int, netem: bool, notes: list) -> dict:
+def report(args, measured: dict, size: tuple, iterations: int, netem: bool, congestion: dict, notes: list) -> dict:
     """Floors, ratios, tables, goals, the plot and the results file."""
     rows = []
     for key, result in measured.items():
         link = LINKS[key]
         for row in result["rows"]:
-            floor = link.floor_ms(row["request_bytes"], row["reply_bytes"], result["rtt_ms"])
+            floor = link.floor_ms(row["request_wire_bytes"], row["reply_wire_bytes"], result["rtt_ms"])
             rows.append({"link": key, "link_name": link.name, **row, "floor_ms": round(floor, 3),
                          "overhead_vs_floor": round(row["overhead_p50"] / floor, 2)})
     width, height = size
@@ -323,7 +333,7 @@ def report(args, measured: dict, size: tuple, iterations: int, netem: bool, note
     plot(rows, list(measured), args.out_dir, title)
     config = {"size": f"{width}x{height}", "input_size": args.input_size, "iterations": iterations, "quick": args.quick,
               "addresses": [SERVER_ADDRESS, CLIENT_ADDRESS], "queue_limit_bytes": QUEUE_LIMIT_BYTES, "netem_available": netem,
-              "added_delay_ms": 0.0,
+              "added_delay_ms": 0.0, "tcp_congestion_control": congestion, "segment_header_bytes": SEGMENT_HEADER_BYTES,
               "links": {key: {"rate_bit_s": LINKS[key].rate_bit_s, "burst_bytes": LINKS[key].burst_bytes, "rtt_ms": r["rtt_ms"],
                               "rtt_p99_ms": r["rtt_p99_ms"], "iterations": r["iterations"], "tbf_drops": r["tbf_drops"],
                               "image_bytes": r["image_bytes"], "max_z_error_m": r["max_z_error_m"], "depth_scale": r["depth_scale"]}
@@ -403,15 +413,39 @@ def plot(rows: list, links: list, out_dir, title: str) -> None:
 # --- the client loop (runs inside the client namespace) -------------------------------------
 
 
-class LinkCounters:
-    """Bytes through one network interface so far, from sysfs (which `ip netns exec` mounts for
-    the namespace it enters)."""
+class Traffic:
+    """What crosses the client's veth: the interface's byte counters (sysfs, which `ip netns exec`
+    mounts for the namespace it enters) and, summed over the TCP connections to the server,
+    payload bytes and segments each way (`ss -ti`: the kernel's tcp_info)."""
+
+    TCP_FIELDS = ("bytes_acked", "bytes_received", "segs_out", "segs_in", "data_segs_out", "data_segs_in")
 
     def __init__(self, interface: str):
-        self.path = Path("/sys/class/net") / interface / "statistics"
+        self.statistics = Path("/sys/class/net") / interface / "statistics"
 
-    def read(self) -> tuple:
-        return tuple(int((self.path / name).read_text()) for name in ("rx_bytes", "tx_bytes"))
+    def read(self) -> dict:
+        totals = {name: int((self.statistics / name).read_text()) for name in ("rx_bytes", "tx_bytes")}
+        text = subprocess.run(["ss", "-tinH", "state", "established", "dst", SERVER_ADDRESS], check=True, capture_output=True,
+                              text=True, timeout=30).stdout
+        for name in self.TCP_FIELDS:
+            totals[name] = sum(int(n) for n in re.findall(rf"\b{name}:(\d+)", text))
+        return totals
+
+    @staticmethod
+    def per_request(before: dict, after: dict) -> dict:
+        """One request's bytes: payload each way, the same with its data segments' headers (what
+        tbf meters), and a cross-check: the interface's count of received bytes less payload and
+        the headers of every segment (ACKs too), about 0 when the model of the wire holds."""
+        d = {name: after[name] - before[name] for name in after}
+        return {
+            "request_bytes": d["bytes_acked"],
+            "reply_bytes": d["bytes_received"],
+            "request_wire_bytes": d["bytes_acked"] + SEGMENT_HEADER_BYTES * d["data_segs_out"],
+            "reply_wire_bytes": d["bytes_received"] + SEGMENT_HEADER_BYTES * d["data_segs_in"],
+            "link_rx_bytes": d["rx_bytes"],
+            "link_tx_bytes": d["tx_bytes"],
+            "unexplained_rx_bytes": d["rx_bytes"] - d["bytes_received"] - SEGMENT_HEADER_BYTES * d["segs_in"],
+        }
 
 
 def wait_for_servers(zdepth, http_clients: dict, stop_at: float) -> None:
@@ -502,7 +536,7 @@ def client_main(argv: list) -> int:
         progress("servers answer; measuring the link's RTT")
         rtt = link_rtt(ZDEPTH_PORT if args.no_http else HTTP_PORT)
         calls = request_calls(zdepth, http_clients, jpeg, intrinsics, args.input_size)
-        counted = count_bytes(calls, LinkCounters(args.veth))
+        counted = count_bytes(calls, Traffic(args.veth))
         iterations = fit_iterations(args.iterations, counted["seconds_per_round"], stop_at - time.monotonic())
         cases = [Case(ROWS[key], lambda call=call: call()[1], {"key": key}) for key, call in calls.items()]
         rounds, per_round = split_iterations(iterations)
@@ -520,18 +554,18 @@ def client_main(argv: list) -> int:
     return 0
 
 
-def count_bytes(calls: dict, counters: LinkCounters, repeats: int = 2) -> dict:
-    """Each row's bytes on the link per request (the last of `repeats` calls: connections up,
-    models loaded; these calls are the warm-up), the seconds one round of all rows takes, and
-    how far the default cloud is from the server's float32 cloud."""
+def count_bytes(calls: dict, traffic: Traffic, repeats: int = 2) -> dict:
+    """Each row's bytes per request (the last of `repeats` calls: connections up, models loaded;
+    these calls are the warm-up), the seconds one round of all rows takes, and how far the
+    default cloud is from the server's float32 cloud."""
     counted, results, seconds = {}, {}, 0.0
     for key, call in calls.items():
         for _ in range(repeats):
-            before, start = counters.read(), time.perf_counter()
+            before, start = traffic.read(), time.perf_counter()
             results[key] = call()[0]
-            took, after = time.perf_counter() - start, counters.read()
+            took, after = time.perf_counter() - start, traffic.read()
         seconds += took
-        counted[key] = {"reply_bytes": after[0] - before[0], "request_bytes": after[1] - before[1]}
+        counted[key] = Traffic.per_request(before, after)
     exact, compact = results["cloud_f32"].points[:, 2], results["cloud_default"].points[:, 2]
     valid = compact > 0
     error = float(abs(exact[valid] - compact[valid]).max()) if valid.any() else None
