@@ -3,8 +3,8 @@ network namespaces.
 
     python -m bench network [--quick] [--iterations 60] [--links 1gbit,100mbit] [--input-size 56] [--deadline-s 900]
 
-Needs root, `ip` and `tc` (it creates network namespaces and shapes a link); without them it
-says why and exits 0.
+Needs root, `ip`, `tc` and `ss` (iproute2: it creates network namespaces and shapes a link);
+without them it says why and exits 0.
 
 Set-up: two network namespaces, `zdb<pid>s` (server) and `zdb<pid>c` (client), joined by one
 veth pair whose addresses, 10.213.0.1/30 and 10.213.0.2/30, exist only inside them.
@@ -138,8 +138,8 @@ def unavailable() -> str | None:
     """Why this bench cannot run here, or None."""
     if os.geteuid() != 0:
         return "needs root (it creates network namespaces and shapes a veth link with tc)"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    return f"needs {' and '.join(missing)} (iproute2)" if missing else None
+    missing = [tool for tool in ("ip", "tc", "ss") if shutil.which(tool) is None]
+    return f"needs {', '.join(missing)} (iproute2)" if missing else None
 
 
 class Namespaces:

@@ -114,10 +114,10 @@ def namespaces() -> list:
     return [line.split()[0] for line in listing.splitlines() if line.strip()]
 
 
-NETWORK_TOOLS = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+NETWORK_TOOLS = os.geteuid() == 0 and all(shutil.which(tool) is not None for tool in ("ip", "tc", "ss"))
 
 
-@pytest.mark.skipif(not NETWORK_TOOLS, reason="the network bench needs root, ip and tc")
+@pytest.mark.skipif(not NETWORK_TOOLS, reason="the network bench needs root, ip, tc and ss")
 def test_network(tmp_path):
     before = set(namespaces())
     document = run_bench("network", tmp_path)
