@@ -188,8 +188,8 @@ class Namespaces:
 
     def congestion_control(self) -> dict:
         """The TCP congestion control each namespace's connections use (a per-namespace sysctl)."""
-        return {name: _run("ip", "netns", "exec", name, "cat", "/proc/sys/net/ipv4/tcp_congestion_control").stdout.strip()
-                for name in (self.server, self.client)}
+        return {side: _run("ip", "netns", "exec", name, "cat", "/proc/sys/net/ipv4/tcp_congestion_control").stdout.strip()
+                for side, name in (("server", self.server), ("client", self.client))}
 
     def close(self) -> None:
         for name in reversed(self._created):
@@ -247,7 +247,7 @@ def run(args) -> dict:
             namespaces.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return report(args, measured, size, iterations, netem, {"server": congestion[namespaces.server], "client": congestion[namespaces.client]}, notes)
+    return report(args, measured, size, iterations, netem, congestion, notes)
 
 
 def measure(namespaces: Namespaces, tmp: Path, links: list, size: tuple, iterations: int, input_size: int, deadline: float,
@@ -270,7 +270,7 @@ def measure(namespaces: Namespaces, tmp: Path, links: list, size: tuple, iterati
             namespaces.shape(link)
             drops = namespaces.drops()
             budget = (deadline - time.monotonic()) / (len(links) - i)
-            progress(f"link {link.name}: tbf rate {link.rate_bit_s:g} bit/s, burst {link.burst_bytes} B, limit {QUEUE_LIMIT_BYTES} B; "
+            progress(f"link {link.name}: tbf burst {link.burst_bytes} B, limit {QUEUE_LIMIT_BYTES} B on both ends; "
                      f"client loop in {namespaces.client}, {budget:.0f} s at most")
             argv = [python, "-m", "bench.network", "--client-mode", "--result-file", tmp / f"client-{key}.json", "--veth", namespaces.client,
                     "--size", f"{size[0]}x{size[1]}", "--iterations", iterations, "--input-size", input_size, "--budget-s", f"{budget:.1f}"]
