@@ -11,8 +11,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,41 @@ def test_network(tmp_path):
     # half a count, plus float32 rounding of z and of count x scale (an ulp is 1.9e-6 m at 16-32 m)
     assert config["links"]["100mbit"]["max_z_error_m"] <= depth_scale / 2 + 4e-6
     assert {g["met"] for g in document["goals"]} <= {True, False}
+
+
+def pids_running(text: bytes) -> list:
+    """Processes whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not NETWORK_TOOLS, reason="the network bench needs root, ip, tc and ss")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_network_cleans_up_when_interrupted(tmp_path, sig, monkeypatch):
+    """Ctrl-C or a kill while the client loop runs: namespaces and every process it started are gone."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.network import SERVER_ADDRESS
+
+    started = {SERVER_ADDRESS.encode(), b"--client-mode"}  # in the command lines of its servers and of its client loop
+    before = set(namespaces())
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "network", "--quick", "--out-dir", str(tmp_path)], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, even under nohup
+    try:
+        deadline = time.monotonic() + 60
+        while not pids_running(b"--client-mode"):
+            assert bench.poll() is None and time.monotonic() < deadline, "the bench never started its client loop"
+            time.sleep(0.2)
+        bench.send_signal(sig)
+        assert bench.wait(60) != 0
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert set(namespaces()) <= before, "namespaces left behind"
+    assert not [pid for text in started for pid in pids_running(text)], "processes left behind"
