@@ -11,8 +11,7 @@ def checkpoint_dir(tmp_path_factory):
     written from randomly initialised models: the server loads them through the real path."""
     import torch
 
-    from zdepth.model import DepthAnythingV2, random_init_
-    from zdepth.model.checkpoints import official_filename, save_official
+    from zdepth.model import DepthAnythingV2, official_filename, random_init_, save_official
 
     folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)

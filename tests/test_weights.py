@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zdepth.model.checkpoints import official_filename
+from zdepth.checkpoint_files import official_filename
 from zdepth.weights import ENV_URL, DownloadError, download
 
 # vits/hypersim: the table knows no size or sha256, so each test states the hash it expects.

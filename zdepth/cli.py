@@ -11,6 +11,7 @@ Also runnable as `python -m zdepth` (see `zdepth/__main__.py`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,35 +19,9 @@ from typing import Optional, Sequence
 from . import __version__
 from . import protocol as P
 from . import keys_cli, record, serve, view
+from .config import WorkerOptions, add_arguments
+from .errors import CommandError, UserError
 from .protocol import ZDepthError
-
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
-
-
-class CommandError(Exception):
-    """A command-line mistake found after parsing (a missing file, options that do not go together)."""
-
-
-# Errors whose message is the whole story, by the module that defines them. Looked up in
-# sys.modules rather than imported: a module nobody imported cannot have raised its error,
-# and importing it here would pull in torch.
-USER_ERRORS = (
-    ("zdepth.engine", "ConfigError"),
-    ("zdepth.model.checkpoints", "CheckpointError"),
-    ("zdepth.weights", "DownloadError"),
-    ("zdepth.keys_cli", "KeysError"),
-    ("zdepth.stream_tools", "StreamOptionsError"),
-)
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ZDepthError, CommandError)):
-        return True
-    for module, name in USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(exc, cls):
-            return True
-    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zdepth {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_predict(commands)
+    add_depth(commands)
     add_weights(commands)
     serve.register(commands)
     keys_cli.register(commands)
@@ -73,34 +49,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("zdepth: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
+    except (UserError, ZDepthError) as exc:  # the message is the whole story: no traceback
         print(f"zdepth: error: {exc.message if isinstance(exc, ZDepthError) else exc}", file=sys.stderr)
         return 2
 
 
-# --- zdepth predict -------------------------------------------------------------------------
+# --- zdepth predict and zdepth depth ----------------------------------------------------------
+
+ENV_KEY = "ZDEPTH_API_KEY"  # the API key `zdepth depth` sends, kept off the command line
+OUTPUTS = (
+    "Writes <stem>_depth.npy (float32, the image's size), <stem>_depth.png (colour-mapped, near is red) "
+    "and, with intrinsics, <stem>.ply for each image."
+)
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """The options that build an Engine (shared with the commands that run one)."""
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where the .pth files are (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="compute precision; fp16 needs CUDA (default: %(default)s)")
-    parser.add_argument("--random-weights", action="store_true", help="random models instead of checkpoints (smoke tests; the depth is meaningless)")
-
-
-def add_predict(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "predict",
-        help="run the model locally on image files",
-        description="Writes <stem>_depth.npy (float32, the image's size), <stem>_depth.png (colour-mapped, near is red) "
-        "and, with intrinsics, <stem>.ply for each image.",
-    )
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """What to ask for and where the files go: the options `predict` and `depth` share."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
-    parser.add_argument("--encoder", choices=P.ENCODERS, default="vits", help="default: %(default)s")
-    parser.add_argument("--dataset", choices=P.DATASETS, default="hypersim", help="hypersim (indoor), vkitti (outdoor): metric; relative: disparity (default: %(default)s)")
+    parser.add_argument("--dataset", choices=P.DATASETS, default=P.DEFAULT_DATASET,
+                        help="hypersim (indoor), vkitti (outdoor): metric; relative: disparity (default: %(default)s)")
     parser.add_argument("--max-depth", type=float, help="metres; default 20 for hypersim, 80 for vkitti")
     parser.add_argument("--input-size", type=int, default=P.DEFAULT_INPUT_SIZE, help="the model's shorter side, a multiple of 14 (default: %(default)s)")
     parser.add_argument("--fx", type=float, help="focal length in pixels: with it, a point cloud is written too")
@@ -109,63 +76,160 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cy", type=float, help="default: height / 2")
     parser.add_argument("--with-color", action="store_true", help="write the pixels' colours into the .ply")
     parser.add_argument("--out", default=".", metavar="DIR", help="output folder (default: the current one)")
-    parser.add_argument("--rrd", metavar="FILE", help="also log each image, depth and point cloud to a rerun recording (viewer extra), "
-                        "entity world/predict, timeline `image`")
-    add_engine_options(parser)
-    parser.set_defaults(func=cmd_predict)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def check_request_options(args: argparse.Namespace) -> None:
+    """Raise CommandError for request options that do not go together."""
     if args.fx is None and (args.fy, args.cx, args.cy) != (None, None, None):
         raise CommandError("--fy, --cx and --cy need --fx")
     if args.with_color and args.fx is None:
         raise CommandError("--with-color colours the point cloud, which needs --fx")
 
-    import numpy as np
+
+def intrinsics_for(args: argparse.Namespace, height: int, width: int) -> Optional[dict]:
+    """{fx, fy, cx, cy} in pixels from --fx/--fy/--cx/--cy (fy defaults to fx, the centre to the
+    image's middle), or None without --fx."""
+    if args.fx is None:
+        return None
+    return {
+        "fx": args.fx,
+        "fy": args.fy if args.fy is not None else args.fx,
+        "cx": args.cx if args.cx is not None else width / 2,
+        "cy": args.cy if args.cy is not None else height / 2,
+    }
+
+
+def depth_unit(method: str, dataset: str) -> str:
+    """How `predict` and `depth` label the numbers of a depth map."""
+    if dataset == "relative":
+        return "(disparity)"
+    return "(relative, 0..1)" if method == P.REL_DEPTH else "m"
+
+
+def add_predict(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("predict", help="run the model locally on image files", description=OUTPUTS)
+    add_request_options(parser)
+    parser.add_argument("--encoder", choices=P.ENCODERS, default=P.DEFAULT_ENCODER, help="default: %(default)s")
+    parser.add_argument("--rrd", metavar="FILE", help="also log each image, depth and point cloud to a rerun recording (viewer extra), "
+                        "entity world/predict, timeline `image`")
+    add_arguments(parser, WorkerOptions, only=("checkpoint_dir", "device", "dtype", "random_weights"))
+    parser.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    check_request_options(args)
 
     from .engine import Engine
-    from .geometry import colorize, write_ply
-    from .images import encode_png, read_image
+    from .images import read_image
+    from .outputs import summary, write_outputs
     from .request import check_intrinsics
 
     engine = Engine(args.checkpoint_dir, device=args.device, dtype=args.dtype, random_weights=args.random_weights)
     weights = "random weights" if args.random_weights else args.checkpoint_dir
     print(f"zdepth: {args.encoder}_{args.dataset} on {engine.device} ({args.dtype}, {weights})", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     metric = args.dataset != "relative"
     rec = view.recording(args.rrd) if args.rrd else None
+    failed = []  # an unreadable image is reported and skipped; the others are still computed
     for index, name in enumerate(args.images):
         path = Path(name)
         try:
             image = read_image(path)
-        except OSError as exc:
-            raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (OSError, ZDepthError) as exc:
+            reason = exc.message if isinstance(exc, ZDepthError) else exc.strerror or exc
+            print(f"zdepth: error: cannot read {path}: {reason}", file=sys.stderr)
+            failed.append(str(path))
+            continue
         height, width = image.shape[:2]
         fields = dict(encoder=args.encoder, dataset=args.dataset, max_depth=args.max_depth, input_size=args.input_size)
-        if args.fx is None:
-            result = engine.predict(P.METRIC_DEPTH if metric else P.REL_DEPTH, image, **fields)
+        intrinsics = intrinsics_for(args, height, width)
+        if intrinsics is None:
+            method = P.METRIC_DEPTH if metric else P.REL_DEPTH
+            result = engine.predict(method, image, **fields)
             depth = result.arrays["depth"]
         else:
-            intrinsics = {
-                "fx": args.fx,
-                "fy": args.fy if args.fy is not None else args.fx,
-                "cx": args.cx if args.cx is not None else width / 2,
-                "cy": args.cy if args.cy is not None else height / 2,
-            }
-            result = engine.predict(P.POINTCLOUD, image, intrinsics=intrinsics, with_color=args.with_color, **fields)
+            method = P.POINTCLOUD
+            result = engine.predict(method, image, intrinsics=intrinsics, with_color=args.with_color, **fields)
             depth = result.arrays["points"][:, 2].reshape(height, width)
-            write_ply(out / f"{path.stem}.ply", result.arrays["points"], result.arrays.get("colors"))
-        np.save(out / f"{path.stem}_depth.npy", depth.astype(np.float32))
+        write_outputs(out, path.stem, depth, metric, result.arrays.get("points"), result.arrays.get("colors"))
         if rec is not None:
             rec.set_time("image", sequence=index)
-            view.log_frame(rec, "world/predict", depth, None if args.fx is None else check_intrinsics(intrinsics), image[..., ::-1])
-        (out / f"{path.stem}_depth.png").write_bytes(encode_png(colorize(depth, invert=metric)[..., ::-1]))
-        timing = " ".join(f"{k[:-3]} {v:.1f}" for k, v in result.timing.items())
-        unit = "m" if metric else "(disparity)"
-        print(f"{path}: {width}x{height} depth {result.min:.3f}..{result.max:.3f} {unit}, ms: {timing}")
+            view.log_frame(rec, "world/predict", depth, None if intrinsics is None else check_intrinsics(intrinsics), image[..., ::-1])
+        print(summary(str(path), depth, result.min, result.max, depth_unit(method, args.dataset), result.timing))
     if rec is not None:
         rec.disconnect()  # flushes the file
+    if failed:
+        raise CommandError(f"{len(failed)} of {len(args.images)} images failed: {', '.join(failed)}")
+    return 0
+
+
+def output_folder(name: str) -> Path:
+    """The --out folder, created if missing; one clear error when it cannot be."""
+    out = Path(name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {out} (--out): {exc.strerror or exc}") from None
+    return out
+
+
+def add_depth(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "depth",
+        help="ask a running server for depth of image files (the same files as predict)",
+        description=f"{OUTPUTS} The server computes; this side needs numpy and Pillow only (the `image` extra).",
+    )
+    add_request_options(parser)
+    parser.add_argument("--server", default=f"tcp://127.0.0.1:{P.DEFAULT_PORT}",
+                        help="endpoint (tcp://host:port, ipc://path) or a profile name from servers.yaml (default: %(default)s)")
+    parser.add_argument("--key", default=os.environ.get(ENV_KEY), help=f"API key when the server requires one (default: ${ENV_KEY})")
+    parser.add_argument("--method", choices=sorted(P.PREDICT_METHODS),
+                        help="default: pointcloud with --fx, else rel_depth for --dataset relative, else metric_depth")
+    parser.add_argument("--encoder", choices=P.ENCODERS, help="default: the server's --encoder")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer (default: %(default)s)")
+    parser.set_defaults(func=cmd_depth)
+
+
+def cmd_depth(args: argparse.Namespace) -> int:
+    check_request_options(args)
+    method = args.method or (P.POINTCLOUD if args.fx is not None else P.REL_DEPTH if args.dataset == "relative" else P.METRIC_DEPTH)
+    if method == P.POINTCLOUD and args.fx is None:
+        raise CommandError("--method pointcloud needs the intrinsics: --fx (and --fy, --cx, --cy)")
+
+    from PIL import Image
+
+    from clients import DepthClient
+    from clients.profiles import client_from_profile
+
+    from .outputs import summary, write_outputs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(key=args.key, timeout=args.timeout, encoder=args.encoder, dataset=args.dataset, input_size=args.input_size)
+    try:
+        client = DepthClient(args.server, **options) if "://" in args.server else client_from_profile(args.server, **options)
+    except (KeyError, ValueError, OSError) as exc:  # an unknown profile, a bad servers.yaml
+        raise CommandError(str(exc).strip('"')) from None
+    exact = {"output_dtype": "float32"}  # the model's own float32 depth, as predict writes it (zstd is lossless)
+    with client:
+        for name in args.images:
+            path = Path(name)
+            try:
+                data = path.read_bytes()
+                with Image.open(path) as image:
+                    width, height = image.size
+            except OSError as exc:
+                raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if method == P.POINTCLOUD:
+                intrinsics = intrinsics_for(args, height, width)
+                result = client.pointcloud(data, intrinsics, args.max_depth, args.with_color, **exact)
+                depth, points, colors = result.depth, result.points, result.colors
+            else:
+                ask = client.metric_depth if method == P.METRIC_DEPTH else client.relative_depth
+                result = ask(data, max_depth=args.max_depth, **exact) if method == P.METRIC_DEPTH else ask(data, **exact)
+                depth, points, colors = result.depth, None, None
+            write_outputs(out, path.stem, depth, args.dataset != "relative", points, colors)
+            print(summary(str(path), depth, result.min, result.max, depth_unit(method, args.dataset), result.timing))
     return 0
 
 
@@ -200,12 +264,18 @@ def cmd_weights_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.1f} MB" if size_bytes < 1e9 else f"{size_bytes / 1e9:.2f} GB"
+
+
 def cmd_weights_list(args: argparse.Namespace) -> int:
-    from .model.checkpoints import CHECKPOINTS, CheckpointNotFound, find_checkpoint
+    from .checkpoint_files import APPROX_SIZE_BYTES
+    from .checkpoint_files import CHECKPOINTS, find_checkpoint
+    from .errors import CheckpointNotFound
 
     rows = [("ENCODER", "DATASET", "FILE", "SIZE", "LICENCE", "PRESENT")]
     for (encoder, dataset), info in CHECKPOINTS.items():
-        size = f"{info['size_bytes'] / 1e6:.1f} MB" if info["size_bytes"] else "?"
+        size = _size(info["size_bytes"]) if info["size_bytes"] else "~" + _size(APPROX_SIZE_BYTES[encoder])
         try:
             present = "yes" if find_checkpoint(args.checkpoint_dir, encoder, dataset).is_file() else "yes (hf folder)"
         except CheckpointNotFound:

@@ -3,12 +3,14 @@
 - `zdepth keygen NAME [--dir DIR]` writes a CURVE certificate pair with
   `zmq.auth.create_certificates`: DIR/NAME.key (public: give it to the other side) and
   DIR/NAME.key_secret (secret, mode 0600), and prints the public key. A server's pair goes
-  to `--curve-secret-file`; a client's NAME.key goes into the server's `--curve-clients` DIR.
+  to `--curve-secret-file`; a client's NAME.key goes into the server's `--curve-clients` DIR;
+  a remote worker's NAME.key into the broker's `--worker-keys` DIR, and the worker connects
+  with `zdepth worker --curve-secret-file NAME.key_secret --curve-server-key SERVER.key`.
 - `zdepth keys add NAME --file FILE` makes a new API key, appends only its SHA-256 hash
   (`NAME sha256:HEX`, see `zdepth.auth`) to FILE (created mode 0600), and prints the key once
   on stdout, so `KEY=$(zdepth keys add robot --file keys.txt)` works. A running server picks
   the line up within about a second (or at once on SIGHUP).
-- `zdepth keys list --file FILE` prints the key names, never keys or hashes.
+- `zdepth keys list [--file FILE]` prints the key names, never keys or hashes.
 
 Revoking a key is deleting its line; the server reloads the file the same way.
 """
@@ -22,14 +24,18 @@ import sys
 from pathlib import Path
 
 from .auth import hashed_line, new_key, parse_key_file
+from .errors import KeysError
 
 # Names end up in file names (keygen) and in whitespace-separated key files (keys add).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+DEFAULT_KEY_FILE = "keys.txt"  # what `keys add` and `keys list` use without --file, as in the README
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `keygen` and `keys` to the `zdepth` parser."""
-    keygen = commands.add_parser("keygen", help="write a CURVE certificate pair (NAME.key, NAME.key_secret)")
+    keygen = commands.add_parser("keygen", help="write a CURVE certificate pair (NAME.key, NAME.key_secret) for a server, a client or a worker")
     keygen.add_argument("name", metavar="NAME", help="certificate name: letters, digits, '_', '.', '-'")
     keygen.add_argument("--dir", default=".", help="folder for the two files (created mode 0700 if missing; default: the current one)")
     keygen.set_defaults(func=cmd_keygen)
@@ -38,16 +44,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="make a key, store its hash, print the key once")
     add.add_argument("name", metavar="NAME", help="who holds the key; shown in logs and stats instead of the key")
-    add.add_argument("--file", required=True, help="the server's --api-key-file (created mode 0600 if missing)")
+    add.add_argument("--file", default=DEFAULT_KEY_FILE, help="the server's --api-key-file (created mode 0600 if missing; default: %(default)s)")
     add.set_defaults(func=cmd_keys_add)
     listing = actions.add_parser("list", help="the key names in a key file")
-    listing.add_argument("--file", required=True)
+    listing.add_argument("--file", default=DEFAULT_KEY_FILE, help="default: %(default)s")
     listing.set_defaults(func=cmd_keys_list)
-
-
-class KeysError(Exception):
-    """A mistake the user fixes (a bad name, a file in the way): `zdepth` prints it in one
-    line and exits 2 (it is listed in `zdepth.cli.USER_ERRORS`)."""
 
 
 def _check_name(name: str) -> str:

@@ -184,14 +184,29 @@ def _field(header: Mapping[str, Any], name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def parse_predict(header: Mapping[str, Any], frames: Sequence, default_encoder: str = "vits", max_pixels: int = 4096 * 4096) -> PredictRequest:
+def parse_predict(
+    header: Mapping[str, Any], frames: Sequence, default_encoder: str = P.DEFAULT_ENCODER, max_pixels: int = P.MAX_IMAGE_PIXELS
+) -> PredictRequest:
     """Validate a prediction header (frames: header first). Raises ZDepthError(bad_request...)."""
+    _check_method(header)
+    return check_predict(header, check_image(header, frames, max_pixels), default_encoder)
+
+
+def _check_method(header: Mapping[str, Any]) -> str:
     method = header.get("method")
     if not isinstance(method, str) or method not in P.PREDICT_METHODS:  # a list is unhashable: check the type first
         raise P.ZDepthError(P.UNKNOWN_METHOD, f"{P.short_repr(method)} is not a prediction method")
-    image = check_image(header, frames, max_pixels)
+    return method
+
+
+def check_predict(header: Mapping[str, Any], image: ImageSpec, default_encoder: str = P.DEFAULT_ENCODER) -> PredictRequest:
+    """A PredictRequest from prediction fields (`method`, `encoder`, `max_depth`... with the wire's
+    names, types and defaults; None means the default) for an image already located: the wire's
+    `parse_predict`, and local callers such as `Engine.request` with the image in memory. Raises
+    ZDepthError(bad_request or unknown_method)."""
+    method = _check_method(header)
     encoder = check_encoder(header.get("encoder") or default_encoder)
-    dataset = check_dataset(header.get("dataset") or "hypersim")
+    dataset = check_dataset(header.get("dataset") or P.DEFAULT_DATASET)
     input_size = check_input_size(_field(header, "input_size", P.DEFAULT_INPUT_SIZE))
     if dataset == "relative":
         if method != P.REL_DEPTH:

@@ -18,17 +18,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
-from .model.checkpoints import CHECKPOINTS, download_url
+from .checkpoint_files import CHECKPOINTS, download_url, find_checkpoint, get_command
+from .errors import CheckpointNotFound, DownloadError
 
 ENV_URL = "ZDEPTH_WEIGHTS_URL"
 CHUNK = 1 << 20
 PROGRESS_INTERVAL_S = 0.2
-
-
-class DownloadError(Exception):
-    """The checkpoint could not be fetched or did not verify; the message says what to do."""
 
 
 def weights_url(encoder: str, dataset: str) -> Optional[str]:
@@ -80,6 +77,34 @@ def download(
     return target
 
 
+def fetch_missing(models: Iterable[tuple[str, str]], checkpoint_dir: str | os.PathLike, timeout: float = 30) -> list[Path]:
+    """Download each (encoder, dataset) checkpoint that is not in `checkpoint_dir` yet (official
+    file or Hugging Face folder), with `download`'s progress bar and checks; returns the paths
+    fetched. When one cannot be fetched (offline, no URL) the DownloadError says what to do:
+    where to put the file, the `zdepth weights get` command, and the smoke run without weights."""
+    fetched = []
+    for encoder, dataset in dict.fromkeys(models):
+        try:
+            find_checkpoint(checkpoint_dir, encoder, dataset)
+            continue
+        except CheckpointNotFound:
+            pass
+        try:
+            fetched.append(download(encoder, dataset, checkpoint_dir, timeout=timeout))
+        except DownloadError as exc:
+            info = CHECKPOINTS.get((encoder, dataset))
+            where = Path(checkpoint_dir) / (info["filename"] if info else f"<{encoder} {dataset} checkpoint>")
+            source = f" (from {info['url']})" if info and info["url"] else ""
+            raise DownloadError(
+                f"cannot fetch the {encoder}/{dataset} checkpoint: {exc}\n"
+                f"  - put the file at {where}{source}, or\n"
+                f"  - run `{get_command(encoder, dataset)} --checkpoint-dir {checkpoint_dir}` where the network is reachable, or\n"
+                f"  - smoke-test without weights (the depth is meaningless): make serve ARGS=--random-weights "
+                f"(or zdepth serve --random-weights)"
+            ) from None
+    return fetched
+
+
 def _mismatch(size: int, digest: Optional[str], expected_size: Optional[int], expected_sha: Optional[str]) -> Optional[str]:
     if expected_size is not None and size != expected_size:
         return f"its size is {size} bytes, expected {expected_size}"
@@ -117,8 +142,12 @@ def _fetch(url: str, part: Path, expected_size: Optional[int], progress: bool, t
             part.unlink()
             return _fetch(url, part, expected_size, progress, timeout)
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    except (urllib.error.URLError, OSError) as exc:  # offline, DNS, firewall: say what to do instead
+        raise DownloadError(
+            f"cannot reach {url}: {getattr(exc, 'reason', exc)}. Offline or behind a firewall? Download that file where the "
+            f"network is reachable and copy it into the checkpoint folder (--checkpoint-dir, default checkpoints/), "
+            f"or pass --url with a mirror you can reach (or set {ENV_URL})"
+        ) from None
     with response:
         if have and response.status != 206:  # the server ignored Range and sends the whole file
             have, digest = 0, hashlib.sha256()

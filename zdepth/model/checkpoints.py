@@ -1,4 +1,4 @@
-"""Finding, loading and writing Depth Anything V2 checkpoint files.
+"""Loading Depth Anything V2 checkpoint files, strictly and safely.
 
 Two formats are accepted, both converted to the OFFICIAL key layout before loading so there is
 one strict load path:
@@ -6,13 +6,15 @@ one strict load path:
 - the official release file ``depth_anything_v2[_metric_{dataset}]_{encoder}.pth``: a bare
   ``torch.save`` of the state dict, read with ``weights_only=True`` (no code from the file runs);
 - a Hugging Face ``*-hf`` folder (``config.json`` + ``model.safetensors``), renamed through
-  :func:`hf_to_official`.
+  :func:`convert.hf_to_official`.
 
 Every failure while loading is reported as one :class:`CheckpointError` naming the file, the
 model that was asked for, what the file looks like and the first offending keys, because the
 usual cause is a user who downloaded the wrong file, and they need to see which one.
 
-Only torch and safetensors are needed; ``transformers`` is never imported here.
+Which file holds which checkpoint, and finding it, is `zdepth.checkpoint_files` (torch-free);
+writing files and the Hugging Face key tables are `convert`. Only torch and safetensors are
+needed; ``transformers`` is never imported here.
 """
 
 from __future__ import annotations
@@ -20,359 +22,16 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .depth_anything_v2 import ENCODER_CONFIGS, PATCH_SIZE, POS_GRID, DepthAnythingV2, swiglu_hidden_dim
-
-__all__ = [
-    "CHECKPOINTS",
-    "DATASETS",
-    "CheckpointError",
-    "CheckpointNotFound",
-    "official_filename",
-    "hf_dirname",
-    "download_url",
-    "find_checkpoint",
-    "load_state_dict",
-    "hf_to_official",
-    "official_to_hf",
-    "load_model",
-    "save_official",
-    "save_hf",
-    "detect_encoder",
-    "hf_config",
-    "DEFAULT_MAX_DEPTH",
-]
-
-DATASETS = ("relative", "hypersim", "vkitti")
-
-# Default max_depth per metric training set (metric README; maintainer in issue #147).
-DEFAULT_MAX_DEPTH = {"hypersim": 20.0, "vkitti": 80.0}
-
-_SIZE_NAMES = {"vits": "Small", "vitb": "Base", "vitl": "Large", "vitg": "Giant"}
-_HF_METRIC_NAMES = {"hypersim": "Indoor", "vkitti": "Outdoor"}
-_OFFICIAL_METRIC_NAMES = {"hypersim": "Hypersim", "vkitti": "VKITTI"}
-# transformers' Dinov2 hidden_states[0] is the embedding output, so its indices are ours + 1.
-def _hf_out_indices(encoder: str) -> list[int]:
-    return [i + 1 for i in ENCODER_CONFIGS[encoder]["layer_idx"]]
-
-_URL = "https://huggingface.co/depth-anything/{repo}/resolve/main/{file}?download=true"
-
-
-class CheckpointError(Exception):
-    """A checkpoint exists but cannot be used (unreadable, unsafe, wrong model, wrong keys)."""
-
-
-class CheckpointNotFound(CheckpointError):
-    """Neither the official file nor a Hugging Face folder is where it was looked for."""
-
-
-# --------------------------------------------------------------------------------------------
-# Names, URLs and the known-files table
-# --------------------------------------------------------------------------------------------
-
-
-def _check(encoder: str, dataset: str) -> None:
-    if encoder not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODER_CONFIGS)}")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
-
-
-def official_filename(encoder: str, dataset: str) -> str:
-    """File name of the official release (also for vitg, whose weights were never released)."""
-    _check(encoder, dataset)
-    if dataset == "relative":
-        return f"depth_anything_v2_{encoder}.pth"
-    return f"depth_anything_v2_metric_{dataset}_{encoder}.pth"
-
-
-def hf_dirname(encoder: str, dataset: str) -> str:
-    """Folder name of the transformers conversion (the hub repo name: Indoor = hypersim, Outdoor = vkitti)."""
-    _check(encoder, dataset)
-    size = _SIZE_NAMES[encoder]
-    if dataset == "relative":
-        return f"Depth-Anything-V2-{size}-hf"
-    return f"Depth-Anything-V2-Metric-{_HF_METRIC_NAMES[dataset]}-{size}-hf"
-
-
-def _official_repo(encoder: str, dataset: str) -> str:
-    size = _SIZE_NAMES[encoder]
-    if dataset == "relative":
-        return f"Depth-Anything-V2-{size}"
-    return f"Depth-Anything-V2-Metric-{_OFFICIAL_METRIC_NAMES[dataset]}-{size}"
-
-
-def _released(encoder: str, dataset: str) -> bool:
-    # Giant was announced ("coming soon") but never published, relative or metric.
-    return encoder != "vitg"
-
-
-def download_url(encoder: str, dataset: str) -> str | None:
-    """Direct download URL of the official file, or None where no official file was released (vitg)."""
-    _check(encoder, dataset)
-    if not _released(encoder, dataset):
-        return None
-    return _URL.format(repo=_official_repo(encoder, dataset), file=official_filename(encoder, dataset))
-
-
-_NC_NOTE = (
-    "the main README puts Base/Large weights under CC-BY-NC-4.0 while the HF metric pages are tagged "
-    "apache-2.0; treat as non-commercial unless confirmed"
-)
-
-
-def _build_table() -> dict[tuple[str, str], dict[str, Any]]:
-    # Only values the fact sheet states as documented; anything approximate or unverified is None.
-    known: dict[tuple[str, str], tuple[int | None, str | None, str]] = {
-        ("vits", "relative"): (99_218_434, "715fade13be8f229f8a70cc02066f656f2423a59effd0579197bbf57860e1378", "Apache-2.0"),
-        ("vitb", "relative"): (389_961_218, "0d2b7002e62d39d655571c371333340bd88f67ab95050c03591555aa05645328", "CC-BY-NC-4.0"),
-        ("vitl", "relative"): (None, None, "CC-BY-NC-4.0"),
-        ("vitg", "relative"): (None, None, "CC-BY-NC-4.0"),
-        ("vits", "hypersim"): (None, None, "Apache-2.0"),
-        ("vitb", "hypersim"): (None, None, "CC-BY-NC-4.0"),
-        ("vitl", "hypersim"): (None, None, "CC-BY-NC-4.0"),
-        ("vits", "vkitti"): (None, "9203e538d35255c90dda4b7fedb47ff33fe725497bcca3b1e53b3a65ee63f0cb", "Apache-2.0"),
-        ("vitb", "vkitti"): (389_964_656, "4dad67a7cc10b462bca48e6b8569c762b8eb3c1adada170a3851a6d3ba37bb3e", "CC-BY-NC-4.0"),
-        ("vitl", "vkitti"): (1_341_401_064, "239b1054a369e66da2576e9a118d6d7c12d90dc8ebe609579a9a09cd8e05fe38", "CC-BY-NC-4.0"),
-    }
-    table: dict[tuple[str, str], dict[str, Any]] = {}
-    for (encoder, dataset), (size, sha, licence) in known.items():
-        entry: dict[str, Any] = {
-            "filename": official_filename(encoder, dataset),
-            "url": download_url(encoder, dataset),
-            "size_bytes": size,
-            "sha256": sha,
-            "licence": licence,
-            "hf_dirname": hf_dirname(encoder, dataset),
-        }
-        if encoder == "vitg":
-            entry["note"] = "not released: the authors list Giant as 'coming soon'; no official download"
-        elif licence == "CC-BY-NC-4.0" and dataset != "relative":
-            entry["note"] = _NC_NOTE
-        table[(encoder, dataset)] = entry
-    return table
-
-
-CHECKPOINTS: dict[tuple[str, str], dict[str, Any]] = _build_table()
-
-
-# --------------------------------------------------------------------------------------------
-# Locating files
-# --------------------------------------------------------------------------------------------
-
-
-def _get_command(encoder: str, dataset: str) -> str:
-    return f"zdepth weights get {encoder} --dataset {dataset}"
-
-
-def find_checkpoint(checkpoint_dir: str | Path, encoder: str, dataset: str) -> Path:
-    """The official ``.pth`` if present, else the HF folder; the official file wins when both exist."""
-    _check(encoder, dataset)
-    root = Path(checkpoint_dir)
-    official = root / official_filename(encoder, dataset)
-    if official.is_file():
-        return official
-    hf = root / hf_dirname(encoder, dataset)
-    if (hf / "config.json").is_file() and (hf / "model.safetensors").is_file():
-        return hf
-
-    url = download_url(encoder, dataset)
-    lines = [f"no {encoder}/{dataset} checkpoint in {root}: expected the official file {official}"]
-    if hf.is_dir():
-        missing = [n for n in ("config.json", "model.safetensors") if not (hf / n).is_file()]
-        lines.append(f"(the folder {hf} exists but lacks {', '.join(missing)})")
-    else:
-        lines.append(f"or a Hugging Face folder {hf}/ with config.json and model.safetensors")
-    if url:
-        lines.append(f"download {official_filename(encoder, dataset)} from {url}")
-        lines.append(f"or run: {_get_command(encoder, dataset)}")
-    else:
-        lines.append(
-            f"{official_filename(encoder, dataset)} was not released officially (no download URL); "
-            f"`{_get_command(encoder, dataset)}` cannot fetch it either"
-        )
-    raise CheckpointNotFound("\n".join(lines))
-
-
-# --------------------------------------------------------------------------------------------
-# Key mapping between the official and the transformers layouts
-# --------------------------------------------------------------------------------------------
-
-# One table for both directions. "{n}" is a block/stage index, "{p}" weight or bias, "{a}" and
-# "{b}" the digit 1 or 2. Each side is compiled into a regex and the other side is its template.
-_NAME_PAIRS: list[tuple[str, str]] = [
-    ("pretrained.cls_token", "backbone.embeddings.cls_token"),
-    ("pretrained.mask_token", "backbone.embeddings.mask_token"),
-    ("pretrained.pos_embed", "backbone.embeddings.position_embeddings"),
-    ("pretrained.patch_embed.proj.{p}", "backbone.embeddings.patch_embeddings.projection.{p}"),
-    ("pretrained.blocks.{n}.norm{a}.{p}", "backbone.encoder.layer.{n}.norm{a}.{p}"),
-    ("pretrained.blocks.{n}.ls{a}.gamma", "backbone.encoder.layer.{n}.layer_scale{a}.lambda1"),
-    ("pretrained.blocks.{n}.attn.proj.{p}", "backbone.encoder.layer.{n}.attention.output.dense.{p}"),
-    ("pretrained.blocks.{n}.mlp.fc{a}.{p}", "backbone.encoder.layer.{n}.mlp.fc{a}.{p}"),
-    ("pretrained.blocks.{n}.mlp.w12.{p}", "backbone.encoder.layer.{n}.mlp.weights_in.{p}"),
-    ("pretrained.blocks.{n}.mlp.w3.{p}", "backbone.encoder.layer.{n}.mlp.weights_out.{p}"),
-    ("pretrained.norm.{p}", "backbone.layernorm.{p}"),
-    ("depth_head.projects.{n}.{p}", "neck.reassemble_stage.layers.{n}.projection.{p}"),
-    ("depth_head.resize_layers.{n}.{p}", "neck.reassemble_stage.layers.{n}.resize.{p}"),
-    ("depth_head.scratch.output_conv1.{p}", "head.conv1.{p}"),
-    ("depth_head.scratch.output_conv2.0.{p}", "head.conv2.{p}"),
-    ("depth_head.scratch.output_conv2.2.{p}", "head.conv3.{p}"),
-]
-_FIELDS = {"n": r"\d+", "p": "weight|bias", "a": "[12]", "b": "[12]"}
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    parts = re.split(r"\{(\w)\}", template)
-    pattern = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_FIELDS[part]})" for i, part in enumerate(parts))
-    return re.compile(pattern)
-
-
-_TO_HF = [(_compile(official), hf) for official, hf in _NAME_PAIRS]
-_TO_OFFICIAL = [(_compile(hf), official) for official, hf in _NAME_PAIRS]
-
-# The refinenets are numbered fine-to-coarse officially but run coarse-to-fine in transformers:
-# refinenet r is fusion layer 4 - r, and scratch.layer{r}_rn is neck.convs.{r - 1}.
-_REFINE_PAIRS: list[tuple[str, str]] = [
-    ("out_conv.{p}", "projection.{p}"),
-    ("resConfUnit{a}.conv{b}.{p}", "residual_layer{a}.convolution{b}.{p}"),
-]
-_REFINE_TO_HF = [(_compile(official), hf) for official, hf in _REFINE_PAIRS]
-_REFINE_TO_OFFICIAL = [(_compile(hf), official) for official, hf in _REFINE_PAIRS]
-_LAYER_RN_RE = re.compile(r"depth_head\.scratch\.layer([1-4])_rn\.weight")
-_REFINE_RE = re.compile(r"depth_head\.scratch\.refinenet([1-4])\.(.+)")
-_HF_CONVS_RE = re.compile(r"neck\.convs\.([0-3])\.weight")
-_HF_FUSION_RE = re.compile(r"neck\.fusion_stage\.layers\.([0-3])\.(.+)")
-
-# transformers >= 5 names its modules differently in memory (q_proj, o_proj, gate/up/down_proj)
-# while save_pretrained still writes the hub names above; accept both on the way in.
-_HF_ALIASES: list[tuple[str, str]] = [
-    (r"\.attention\.o_proj\.", ".attention.output.dense."),
-    (r"\.mlp\.down_proj\.", ".mlp.weights_out."),
-]
-_QKV = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
-_QKV_RE = re.compile(
-    r"backbone\.encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q_proj|k_proj|v_proj))\.(weight|bias)"
-)
-_GATE_UP_RE = re.compile(r"backbone\.encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)")
-
-
-def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
-    for pattern, template in rules:
-        m = pattern.fullmatch(key)
-        if m:
-            return template.format(**m.groupdict())
-    return None
-
-
-def _official_key_to_hf(key: str) -> str | None:
-    if key.startswith("depth_head.resize_layers.2."):
-        return None  # the Identity slot never has weights; a key there is foreign
-    new = _rename(key, _TO_HF)
-    if new is not None:
-        return new
-    m = _LAYER_RN_RE.fullmatch(key)
-    if m:
-        return f"neck.convs.{int(m.group(1)) - 1}.weight"
-    m = _REFINE_RE.fullmatch(key)
-    if m:
-        sub = _rename(m.group(2), _REFINE_TO_HF)
-        return None if sub is None else f"neck.fusion_stage.layers.{4 - int(m.group(1))}.{sub}"
-    return None
-
-
-def _hf_key_to_official(key: str) -> str | None:
-    for alias, canonical in _HF_ALIASES:
-        key = re.sub(alias, canonical, key)
-    new = _rename(key, _TO_OFFICIAL)
-    if new is not None:
-        return new
-    m = _HF_CONVS_RE.fullmatch(key)
-    if m:
-        return f"depth_head.scratch.layer{int(m.group(1)) + 1}_rn.weight"
-    m = _HF_FUSION_RE.fullmatch(key)
-    if m:
-        sub = _rename(m.group(2), _REFINE_TO_OFFICIAL)
-        return None if sub is None else f"depth_head.scratch.refinenet{4 - int(m.group(1))}.{sub}"
-    return None
-
-
-def official_to_hf(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
-    """Rename an official state dict to the transformers hub layout (as ``save_pretrained`` writes it).
-
-    The fused ``qkv`` is split into thirds (rows [q; k; v]) and vitg's ``w12``/``w3`` become
-    ``weights_in``/``weights_out``. Keys that have no HF counterpart raise ``KeyError`` rather
-    than vanish.
-    """
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    for key, value in state_dict.items():
-        m = re.fullmatch(r"pretrained\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
-        if m:
-            q, k, v = value.chunk(3, dim=0)
-            base = f"backbone.encoder.layer.{m.group(1)}.attention.attention"
-            out[f"{base}.query.{m.group(2)}"] = q.clone()
-            out[f"{base}.key.{m.group(2)}"] = k.clone()
-            out[f"{base}.value.{m.group(2)}"] = v.clone()
-            continue
-        new = _official_key_to_hf(key)
-        if new is None:
-            raise KeyError(f"no Hugging Face name for official key {key!r}")
-        out[new] = value
-    return out
-
-
-def hf_to_official(hf_state_dict: Mapping[str, Tensor], num_layers: int | None = None) -> "OrderedDict[str, Tensor]":
-    """Rename a transformers ``DepthAnythingForDepthEstimation`` state dict to the official layout.
-
-    Accepts both the hub names (``attention.attention.query``, ``mlp.weights_in``) and the
-    in-memory names of transformers >= 5 (``attention.q_proj``, ``mlp.gate_proj``/``up_proj``).
-    q/k/v are concatenated row-wise into ``qkv``; gate and up are stacked into ``w12`` (gate
-    first, since the official forward applies SiLU to the first half).
-
-    ``num_layers``, when given, is checked against the block indices found. Keys that cannot be
-    mapped (or a q/k/v or gate/up set with a part missing) are passed through under their HF
-    names, so that a strict load reports them as unexpected instead of them disappearing.
-    """
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    parts: dict[tuple[str, int, str], dict[int, tuple[str, Tensor]]] = {}
-    for key, value in hf_state_dict.items():
-        m = _QKV_RE.fullmatch(key)
-        if m:
-            which = _QKV[m.group(2) or m.group(3)]
-            parts.setdefault(("qkv", int(m.group(1)), m.group(4)), {})[which] = (key, value)
-            continue
-        m = _GATE_UP_RE.fullmatch(key)
-        if m:
-            which = 0 if m.group(2) == "gate_proj" else 1
-            parts.setdefault(("w12", int(m.group(1)), m.group(3)), {})[which] = (key, value)
-            continue
-        new = _hf_key_to_official(key)
-        out[new if new is not None else key] = value
-
-    for (kind, layer, param), pieces in sorted(parts.items()):
-        wanted = 3 if kind == "qkv" else 2
-        if len(pieces) != wanted:
-            for name, tensor in pieces.values():
-                out[name] = tensor
-            continue
-        fused = torch.cat([pieces[i][1] for i in range(wanted)], dim=0)
-        module = "attn.qkv" if kind == "qkv" else "mlp.w12"
-        out[f"pretrained.blocks.{layer}.{module}.{param}"] = fused
-
-    if num_layers is not None:
-        found = {int(m.group(1)) for k in out if (m := re.match(r"pretrained\.blocks\.(\d+)\.", k))}
-        if found and found != set(range(num_layers)):
-            raise CheckpointError(
-                f"Hugging Face state dict has blocks {sorted(found)[:3]}..{max(found)} "
-                f"({len(found)} blocks), config says {num_layers}"
-            )
-    return out
-
+from ..checkpoint_files import check_names, find_checkpoint
+from ..errors import CheckpointError, CheckpointNotFound
+from .convert import hf_out_indices, hf_to_official
+from .depth_anything_v2 import ENCODER_CONFIGS, DepthAnythingV2
 
 # --------------------------------------------------------------------------------------------
 # Reading files
@@ -565,10 +224,10 @@ def _hf_config_problems(config: Mapping[str, Any], encoder: str, dataset: str) -
     if kind != want_kind:
         problems.append(f"config.json depth_estimation_type is {kind!r}, a {dataset} model needs {want_kind!r}")
     out_indices = _hf_backbone(config).get("out_indices")
-    if out_indices is not None and list(out_indices) != _hf_out_indices(encoder):
+    if out_indices is not None and list(out_indices) != hf_out_indices(encoder):
         problems.append(
             f"config.json backbone out_indices {list(out_indices)} differ from Depth Anything V2 "
-            f"{encoder} {_hf_out_indices(encoder)} (a V1 model?)"
+            f"{encoder} {hf_out_indices(encoder)} (a V1 model?)"
         )
     return problems
 
@@ -587,7 +246,7 @@ def load_model(
     holding the wrong download can see which one it is. Weights are assigned directly from the
     file (the model is built on the meta device), so the model is never held twice in memory.
     """
-    _check(encoder, dataset)
+    check_names(encoder, dataset)
     path = find_checkpoint(checkpoint_dir, encoder, dataset)
     asked = f"expected {encoder} {dataset} ({'metric' if dataset != 'relative' else 'relative'} head)"
     try:
@@ -614,86 +273,3 @@ def load_model(
     except RuntimeError as exc:  # pragma: no cover - the report above should catch everything first
         raise CheckpointError(f"{path}: strict load failed ({asked}): {exc}") from exc
     return model.to(device=device, dtype=dtype).eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Writing files (tests, conversions)
-# --------------------------------------------------------------------------------------------
-
-
-def save_official(model: DepthAnythingV2, path: str | Path) -> Path:
-    """Write the bare state dict exactly like the official release (fp32 tensors, no wrapper)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = OrderedDict((k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in model.state_dict().items())
-    torch.save(state, path)
-    return path
-
-
-def _config_number(value: float) -> int | float:
-    # transformers 5.x types DepthAnythingConfig.max_depth as int and rejects 20.0 strictly.
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def hf_config(encoder: str, metric: bool, max_depth: float | None = None) -> dict[str, Any]:
-    """A transformers ``DepthAnythingConfig`` dict for our encoder table (loadable by from_pretrained)."""
-    cfg = ENCODER_CONFIGS[encoder]
-    depth = cfg["depth"]
-    out_indices = _hf_out_indices(encoder)
-    backbone = {
-        "model_type": "dinov2",
-        "hidden_size": cfg["embed_dim"],
-        "num_hidden_layers": depth,
-        "num_attention_heads": cfg["num_heads"],
-        "mlp_ratio": 4,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-        "layerscale_value": 1.0,
-        "image_size": PATCH_SIZE * POS_GRID,
-        "patch_size": PATCH_SIZE,
-        "num_channels": 3,
-        "qkv_bias": True,
-        "use_swiglu_ffn": cfg["ffn"] == "swiglu",
-        "apply_layernorm": True,
-        "reshape_hidden_states": False,
-        "out_indices": out_indices,
-        "out_features": [f"stage{i}" for i in out_indices],
-        "stage_names": ["stem"] + [f"stage{i}" for i in range(1, depth + 1)],
-    }
-    return {
-        "architectures": ["DepthAnythingForDepthEstimation"],
-        "model_type": "depth_anything",
-        "backbone_config": backbone,
-        "patch_size": PATCH_SIZE,
-        "initializer_range": 0.02,
-        "reassemble_hidden_size": cfg["embed_dim"],
-        "reassemble_factors": [4, 2, 1, 0.5],
-        "neck_hidden_sizes": list(cfg["out_channels"]),
-        "fusion_hidden_size": cfg["features"],
-        "head_in_index": -1,
-        "head_hidden_size": 32,
-        "depth_estimation_type": "metric" if metric else "relative",
-        "max_depth": _config_number(max_depth if max_depth is not None else 20.0) if metric else 1,
-        "dtype": "float32",
-    }
-
-
-def save_hf(model: DepthAnythingV2, folder: str | Path, max_depth: float | None = None) -> Path:
-    """Write a transformers-style folder (config.json + model.safetensors, hub key names).
-
-    ``max_depth`` only goes into config.json (transformers multiplies by it; zdepth does not):
-    it defaults to 20 for metric models and is 1 for relative ones.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(official_to_hf(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config(model.encoder, model.metric, max_depth)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
-# Sanity: the SwiGLU width the HF config implies must equal ours, or vitg folders cannot load.
-assert swiglu_hidden_dim(ENCODER_CONFIGS["vitg"]["embed_dim"]) == 4096
