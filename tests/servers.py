@@ -27,6 +27,7 @@ def raw_request(endpoint: str, header: dict, frames: list = (), timeout_s: float
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
     sock.connect(endpoint)
     try:
         sock.send_multipart([b"", P.packb(header), *frames])
@@ -75,14 +76,15 @@ class Process:
 class Server:
     """`zdepth serve` on free ports; `endpoint`, `ipc`, `stream`, `pub` are ready to connect to."""
 
-    def __init__(self, tmp: Path, checkpoint_dir: Path, workers: int = 1, extra: list = (), env: Optional[dict] = None, wait_workers: Optional[int] = None):
+    def __init__(self, tmp: Path, checkpoint_dir: Path, workers: int = 1, extra: list = (), env: Optional[dict] = None, wait_workers: Optional[int] = None,
+                 host: str = "127.0.0.1"):
         self.port = free_port_block(5)
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.endpoint = P.tcp_endpoint(host, self.port)
         self.ipc = f"ipc://{tmp}/zdepth-{self.port}.ipc"
-        self.stream = f"tcp://127.0.0.1:{self.port + P.STREAM_PORT_OFFSET}"
-        self.pub = f"tcp://127.0.0.1:{self.port + P.PUB_PORT_OFFSET}"
+        self.stream = P.tcp_endpoint(host, self.port + P.STREAM_PORT_OFFSET)
+        self.pub = P.tcp_endpoint(host, self.port + P.PUB_PORT_OFFSET)
         self.backend = f"tcp://127.0.0.1:{self.port + P.BACKEND_PORT_OFFSET}"
-        args = ["serve", "--port", str(self.port), "--ipc", f"{tmp}/zdepth-{self.port}.ipc", "--device", "cpu",
+        args = ["serve", "--host", host, "--port", str(self.port), "--ipc", f"{tmp}/zdepth-{self.port}.ipc", "--device", "cpu",
                 "--workers", str(workers), "--checkpoint-dir", str(checkpoint_dir), "--threads", "1", "--log-level", "WARNING", *extra]
         self.process = Process(args, tmp / f"serve-{self.port}.log", env)
         try:
