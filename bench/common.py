@@ -283,18 +283,21 @@ class ZdepthServer(Child):
     """`python -m zdepth serve` with random weights on free ports, ready once health lists
     all its workers. `endpoint` (tcp), `ipc`, `stream` and `pub` are ready to connect to."""
 
-    def __init__(self, workdir: Path, workers: int = 1, threads: Optional[int] = None, device: str = "cpu", dtype: str = "fp32"):
+    def __init__(self, workdir: Path, workers: int = 1, threads: Optional[int] = None, device: str = "cpu", dtype: str = "fp32",
+                 extra: Sequence[str] = ()):
         port = free_port_block(5)
         ipc_path = Path(workdir) / f"zdepth-{port}.ipc"
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.ipc = f"ipc://{ipc_path}"
-        self.stream = f"tcp://127.0.0.1:{port + P.STREAM_PORT_OFFSET}"
-        self.pub = f"tcp://127.0.0.1:{port + P.PUB_PORT_OFFSET}"
+        ports = P.port_layout(port)
+        self.stream = f"tcp://127.0.0.1:{ports.stream}"
+        self.pub = f"tcp://127.0.0.1:{ports.pub}"
         self.workers = workers
         argv = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--ipc", ipc_path, "--device", device, "--dtype", dtype,
                 "--workers", workers, "--random-weights", "--log-level", "WARNING"]
         if threads:
             argv += ["--threads", threads]
+        argv += list(extra)  # more `zdepth serve` flags
         super().__init__(f"zdepth-serve-{port}", argv, workdir)
         self.wait_until(self._ready, 180, f"serving with {workers} worker(s)")
 

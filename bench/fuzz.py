@@ -56,11 +56,11 @@ def endpoints_of(server: str) -> dict:
     host, _, port = address.rpartition(":")
     if scheme != "tcp" or not port.isdigit():
         raise ValueError(f"--server must be tcp://HOST:PORT, got {server!r}")
-    base = int(port)
+    ports = P.port_layout(int(port))
     return {
         "frontend": server,
-        "stream": f"tcp://{host}:{base + P.STREAM_PORT_OFFSET}",
-        "backend": f"tcp://{host}:{base + P.BACKEND_PORT_OFFSET}",
+        "stream": f"tcp://{host}:{ports.stream}",
+        "backend": f"tcp://{host}:{ports.backend}",
     }
 
 

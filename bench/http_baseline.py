@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import compute_ms  # noqa: E402
+from zdepth import protocol as P  # noqa: E402
+from zdepth.config import WorkerOptions, add_arguments  # noqa: E402
 
 ROUTES = {"pointcloud": "/pc", "metric_depth": "/metric_depth", "rel_depth": "/rel_depth"}
 KEEP_ALIVE_S = 600  # uvicorn's default of 5 s closes idle connections under a slow benchmark
@@ -72,7 +74,7 @@ def build_app(engine):
     def predict(method: str, data: bytes, **fields) -> tuple:
         """(result, timing): the worker's own steps, timed as a zdepth worker times them."""
         started = time.perf_counter()
-        image = decode_bytes(data, max_pixels=4096 * 4096)
+        image = decode_bytes(data, max_pixels=P.MAX_IMAGE_PIXELS)
         decode_ms = (time.perf_counter() - started) * 1000.0
         try:
             result = engine.predict(method, image, **fields)
@@ -130,10 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--threads", type=int, help="torch threads (match the zdepth worker's)")
-    parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--random-weights", action="store_true", help="no checkpoints needed; timing does not depend on weights")
+    add_arguments(parser, WorkerOptions, only=("dtype", "threads", "checkpoint_dir", "random_weights"))
     args = parser.parse_args(argv)
 
     import uvicorn

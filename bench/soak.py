@@ -100,9 +100,10 @@ class Cluster:
         self.config = config
         self.port = free_port_block(5)
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.stream = f"tcp://127.0.0.1:{self.port + P.STREAM_PORT_OFFSET}"
-        self.pub = f"tcp://127.0.0.1:{self.port + P.PUB_PORT_OFFSET}"
-        self.backend = f"tcp://127.0.0.1:{self.port + P.BACKEND_PORT_OFFSET}"
+        ports = P.port_layout(self.port)
+        self.stream = f"tcp://127.0.0.1:{ports.stream}"
+        self.pub = f"tcp://127.0.0.1:{ports.pub}"
+        self.backend = f"tcp://127.0.0.1:{ports.backend}"
         self.lock = threading.Lock()
         self.starts = collections.Counter()
         self.broker = self._start_broker()

@@ -38,8 +38,8 @@ from zdepth.protocol import ZDepthError
 from .client import ImageInput, ServerError, check_channels, compact_defaults, encode_array, image_message, intrinsics_dict
 from .security import ClientKeysInput, KeyInput, curve_keys
 
-DEFAULT_INGRESS = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.STREAM_PORT_OFFSET}"
-DEFAULT_RESULTS = f"tcp://127.0.0.1:{P.DEFAULT_PORT + P.PUB_PORT_OFFSET}"
+DEFAULT_INGRESS = f"tcp://127.0.0.1:{P.port_layout().stream}"
+DEFAULT_RESULTS = f"tcp://127.0.0.1:{P.port_layout().pub}"
 
 # A frame is 1 MB raw: two in the pipe is enough to keep the link busy, more is only delay.
 _PUSH_HWM = 2
@@ -62,8 +62,8 @@ def stream_endpoints(endpoint: str) -> tuple[str, str]:
     host, colon, port = address.rpartition(":")
     if scheme != "tcp" or not colon or not port.isdigit():
         raise ValueError(f"cannot derive stream endpoints from {endpoint!r}; give them explicitly")
-    base = int(port)
-    return f"tcp://{host}:{base + P.STREAM_PORT_OFFSET}", f"tcp://{host}:{base + P.PUB_PORT_OFFSET}"
+    ports = P.port_layout(int(port))
+    return f"tcp://{host}:{ports.stream}", f"tcp://{host}:{ports.pub}"
 
 
 class CameraPublisher:

@@ -81,9 +81,10 @@ class Server:
         self.port = free_port_block(5)
         self.endpoint = P.tcp_endpoint(host, self.port)
         self.ipc = f"ipc://{tmp}/zdepth-{self.port}.ipc"
-        self.stream = P.tcp_endpoint(host, self.port + P.STREAM_PORT_OFFSET)
-        self.pub = P.tcp_endpoint(host, self.port + P.PUB_PORT_OFFSET)
-        self.backend = f"tcp://127.0.0.1:{self.port + P.BACKEND_PORT_OFFSET}"
+        ports = P.port_layout(self.port)
+        self.stream = P.tcp_endpoint(host, ports.stream)
+        self.pub = P.tcp_endpoint(host, ports.pub)
+        self.backend = f"tcp://127.0.0.1:{ports.backend}"
         args = ["serve", "--host", host, "--port", str(self.port), "--ipc", f"{tmp}/zdepth-{self.port}.ipc", "--device", "cpu",
                 "--workers", str(workers), "--checkpoint-dir", str(checkpoint_dir), "--threads", "1", "--log-level", "WARNING", *extra]
         self.process = Process(args, tmp / f"serve-{self.port}.log", env)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from . import __version__
 from . import protocol as P
 from . import keys_cli, record, serve, view
-from .config import WorkerOptions, add_arguments
+from .config import DEFAULT_CHECKPOINT_DIR, WorkerOptions, add_arguments
 from .errors import CommandError, UserError
 from .protocol import ZDepthError
 
@@ -247,12 +247,12 @@ def add_weights(commands: argparse._SubParsersAction) -> None:
     )
     get.add_argument("encoder", choices=P.ENCODERS, metavar="ENCODER", help=", ".join(P.ENCODERS))
     get.add_argument("--dataset", choices=P.DATASETS, default="hypersim", help="default: %(default)s")
-    get.add_argument("--checkpoint-dir", default="checkpoints", help="default: %(default)s")
+    get.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR, help="default: %(default)s")
     get.add_argument("--url", help="the file's full URL (default: the official one, or ZDEPTH_WEIGHTS_URL)")
     get.add_argument("--sha256", help="expected hash of the file at --url (default: the official one, where known)")
     get.set_defaults(func=cmd_weights_get)
     listing = actions.add_parser("list", help="the known checkpoints: file, size, licence, present?")
-    listing.add_argument("--checkpoint-dir", default="checkpoints", help="default: %(default)s")
+    listing.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR, help="default: %(default)s")
     listing.set_defaults(func=cmd_weights_list)
 
 

@@ -35,8 +35,6 @@ REL_DEPTH = "rel_depth"
 PREDICT_METHODS = frozenset({POINTCLOUD, METRIC_DEPTH, REL_DEPTH})
 BROKER_METHODS = frozenset({HEALTH, DESCRIBE, STATS})
 METHODS = PREDICT_METHODS | BROKER_METHODS
-# Answered without a key even when auth is on (like the old API's GET /health).
-PUBLIC_METHODS = frozenset({HEALTH, DESCRIBE})
 
 # --- error codes (the complete, fixed set) --------------------------------------------------
 BAD_REQUEST = "bad_request"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .checkpoint_files import CHECKPOINTS, download_url, find_checkpoint, get_command
+from .config import DEFAULT_CHECKPOINT_DIR
 from .errors import CheckpointNotFound, DownloadError
 
 ENV_URL = "ZDEPTH_WEIGHTS_URL"
@@ -40,7 +41,7 @@ def weights_url(encoder: str, dataset: str) -> Optional[str]:
 def download(
     encoder: str,
     dataset: str,
-    checkpoint_dir: str | os.PathLike = "checkpoints",
+    checkpoint_dir: str | os.PathLike = DEFAULT_CHECKPOINT_DIR,
     url: Optional[str] = None,
     sha256: Optional[str] = None,
     progress: bool = True,

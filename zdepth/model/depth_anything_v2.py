@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..protocol import PATCH_SIZE
+from ..protocol import DEFAULT_ENCODER, PATCH_SIZE
 
 __all__ = ["ENCODER_CONFIGS", "DepthAnythingV2"]
 
@@ -358,7 +358,7 @@ class DepthAnythingV2(nn.Module):
       (20 is the Hypersim/indoor value, 80 the VKITTI/outdoor one).
     """
 
-    def __init__(self, encoder: str = "vits", metric: bool = False) -> None:
+    def __init__(self, encoder: str = DEFAULT_ENCODER, metric: bool = False) -> None:
         super().__init__()
         if encoder not in ENCODER_CONFIGS:
             raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODER_CONFIGS)}")
