@@ -54,7 +54,6 @@ from .workers import WorkerRecord, worker_capacity, worker_info, worker_models
 log = logging.getLogger("zdepth.broker")
 
 PUB_MAX_INBOUND_BYTES = 1024  # what a subscriber sends the PUB socket: subscriptions to stream names
-IMAGEZMQ_SUB_HWM = 2  # imagezmq PUB/SUB frames queued per sender: only the newest is ever used
 
 
 @dataclass
@@ -153,33 +152,18 @@ class Broker:
         self.stream = self._socket(zmq.PULL, [config.stream], frame_cap) if config.stream else None
         self.pub = self._socket(zmq.PUB, [config.pub], PUB_MAX_INBOUND_BYTES, sndhwm=config.pub_hwm) if config.pub else None
         self.imagezmq = self._socket(zmq.REP, [config.imagezmq], frame_cap) if config.imagezmq else None
-        self.imagezmq_sub = self._subscriber(config.imagezmq_sub, frame_cap) if config.imagezmq_sub else None
+        try:
+            self.imagezmq_pub = imagezmq.PubSenders(self.context, config.imagezmq_sub, frame_cap)
+        except zmq.ZMQError as exc:
+            raise BindError(f"cannot connect to imagezmq senders {list(config.imagezmq_sub)}: {exc.strerror}") from None
+        self._sockets += self.imagezmq_pub.sockets()
         self._imagezmq_seq: collections.Counter = collections.Counter()
         self.poller = zmq.Poller()
-        for sock in (self.frontend, self.backend, self.stream, self.imagezmq, self.imagezmq_sub):
+        for sock in (self.frontend, self.backend, self.stream, self.imagezmq, *self.imagezmq_pub.sockets()):
             if sock is not None:
                 self.poller.register(sock, zmq.POLLIN)
         if config.metrics_port is not None:
             self.exporter = PrometheusExporter(self.metrics, self.gauges, config.metrics_host, config.metrics_port)
-
-    def _subscriber(self, endpoints: tuple, max_frame: int) -> zmq.Socket:
-        """A SUB socket connected to imagezmq PUB senders (which bind), subscribed to everything:
-        at most IMAGEZMQ_SUB_HWM messages wait per sender (libzmq drops newer ones beyond, and the
-        stream slots keep only the newest anyway), each at most `max_frame` bytes. No CURVE:
-        an unchanged imagezmq sender cannot speak it."""
-        sock = self.context.socket(zmq.SUB)
-        self._sockets.append(sock)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, IMAGEZMQ_SUB_HWM)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
-        sock.setsockopt(zmq.IPV6, 1)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")  # imagezmq publishes without a topic frame
-        for endpoint in endpoints:
-            try:
-                sock.connect(endpoint)
-            except zmq.ZMQError as exc:
-                raise BindError(f"cannot connect to imagezmq sender {endpoint}: {exc.strerror}") from None
-        return sock
 
     def _socket(self, kind: int, endpoints: list, max_frame: Optional[int], sndhwm: int = 1000) -> zmq.Socket:
         """A bound socket. `max_frame` marks a public socket: it gets MAXMSGSIZE and, when
@@ -227,8 +211,11 @@ class Broker:
             self._drain(self.stream, self._on_stream)
         if self.imagezmq is not None and self.imagezmq in events:
             self._drain(self.imagezmq, self._on_imagezmq, limit=1)  # REP: one request, one reply
-        if self.imagezmq_sub is not None and self.imagezmq_sub in events:
-            self._drain(self.imagezmq_sub, self._on_imagezmq_frame)
+        for sock in self.imagezmq_pub.readable(events):
+            self._drain(sock, self._on_imagezmq_frame)
+        for endpoint in self.imagezmq_pub.reconnect(events):
+            self.metrics.count("imagezmq_reconnects")
+            log.warning("imagezmq sender %s disconnected (stopped, or sent a message over the size cap): connecting again", endpoint)
         now = time.monotonic()
         self._tick(now)
         self._dispatch(now)

@@ -14,7 +14,7 @@ imagezmq = pytest.importorskip("imagezmq")
 
 from clients import DepthSubscriber  # noqa: E402
 from zdepth import protocol as P  # noqa: E402
-from tests.servers import TEST_INPUT_SIZE, Server, free_port_block  # noqa: E402
+from tests.servers import TEST_INPUT_SIZE, Server, free_port_block, raw_request  # noqa: E402
 
 HEIGHT, WIDTH = 48, 64
 
@@ -54,3 +54,30 @@ def test_pub_senders_are_subscribed(tmp_path, checkpoint_dir):
         server.stop()
         for sender in senders:
             sender.close()
+
+
+def test_oversized_pub_frames_never_reach_the_broker(tmp_path, checkpoint_dir):
+    """MAXMSGSIZE on the SUB socket: a message over the frame cap (2 x 1 MiB + 1 MiB here) is
+    dropped by libzmq with its connection, which libzmq then never reconnects by itself (a
+    protocol error); the broker's monitor connects again and normal frames work."""
+    port = free_port_block(1)
+    sender = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{port}", REQ_REP=False)
+    fields = json.dumps({"method": P.METRIC_DEPTH, "input_size": TEST_INPUT_SIZE})
+    server = Server(tmp_path, checkpoint_dir, workers=1,
+                    extra=["--imagezmq-fields", fields, "--imagezmq-sub", f"tcp://127.0.0.1:{port}", "--max-request-mb", "1"])
+    big = np.zeros((1100, 1000, 3), np.uint8)  # 3.3 MB
+    small = np.random.default_rng(0).integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    try:
+        with DepthSubscriber(server.pub, ["big", "small"]) as subscriber:
+            time.sleep(0.5)
+            for _ in range(5):
+                sender.send_image("big", big)
+                time.sleep(0.2)
+            result = first_result(subscriber, "small", lambda: sender.send_image("small", small))
+            assert result.ok
+        assert "big" not in (server.health().get("streams") or {})
+        stats, _ = raw_request(server.endpoint, P.request_header(P.STATS, id="s"))
+        assert stats["counters"]["imagezmq_reconnects"] >= 1  # libzmq alone would never have reconnected
+    finally:
+        server.stop()
+        sender.close()
