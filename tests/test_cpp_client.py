@@ -244,7 +244,7 @@ def test_protocol_doc_example_is_the_compiled_program(cpp, files, server):
     section = re.search(r"^## \d+\. Reading reply arrays.*?(?=^## )", doc, re.S | re.M).group(0)
     block = re.search(r"```cpp\n(.*?)```", section, re.S).group(1)
     assert block == (REPO / "clients" / "cpp" / "examples" / "points.cpp").read_text()
-    run = subprocess.run([str(cpp / "points"), server.endpoint, str(files["png"]), KEY], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([str(cpp / "points"), server.endpoint, str(files["png"]), KEY, str(TEST_INPUT_SIZE)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith(f"{IMAGE.shape[0] * IMAGE.shape[1]} points"), run.stderr
 
 

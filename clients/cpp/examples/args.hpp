@@ -19,6 +19,13 @@ constexpr int kServerError = 1;  // the server answered with an error (code on s
 constexpr int kTimeout = 2;  // no reply / not enough results within the timeout
 constexpr int kUsage = 3;  // bad arguments or an unreadable file
 
+// True when the command line asks for the usage text (--help or -h).
+inline bool wants_help(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i)
+        if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
+    return false;
+}
+
 // `--name value` pairs; every flag takes a value, each at most once.
 class Args {
 public:

@@ -30,7 +30,8 @@ const char kUsageText[] =
     "  [--server-key KEY|FILE [--client-cert NAME.key_secret]] [--repeat N]\n"
     "--image: JPEG, PNG, or a .npy uint8 [H, W, 3] sent raw. The result is written as float32 metres.\n"
     "--repeat N: N requests, one line each: round_trip_ms and the worker's timing (for benchmarks).\n"
-    "exit: 0 ok, 1 server error (code on stderr), 2 timeout, 3 bad arguments\n";
+    "exit: 0 ok, 1 server error (code on stderr; the server's own `timeout` answer too), 2 no reply within --timeout,\n"
+    "3 bad arguments\n";
 
 // .npy version 1.0: the header dict padded with spaces to a multiple of 64 bytes, then the data.
 void write_npy(const std::string& path, const char* descr, const std::vector<std::size_t>& shape, const void* data, std::size_t bytes) {
@@ -131,6 +132,10 @@ struct Outcome {
 }  // namespace
 
 int main(int argc, char** argv) {
+    if (examples::wants_help(argc, argv)) {
+        std::cout << kUsageText;
+        return examples::kOk;
+    }
     try {
         const examples::Args args(argc, argv, {"server", "image", "method", "key", "fx", "fy", "cx", "cy", "input-size", "out",
                                                "encoder", "dataset", "max-depth", "output-dtype", "depth-scale", "compression",

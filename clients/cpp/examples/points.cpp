@@ -1,8 +1,9 @@
 #include <zdepth/client.hpp>
 
 #include <cstdio>
+#include <cstdlib>
 
-// ./points tcp://gpu-server:5555 frame.jpg [KEY]
+// ./points tcp://gpu-server:5555 frame.jpg [KEY [INPUT_SIZE]]
 int main(int argc, char** argv) {
     if (argc < 3) return 3;
     zdepth::ClientConfig config;
@@ -14,6 +15,7 @@ int main(int argc, char** argv) {
     zdepth::Options options;
     options.output_dtype = "float16";                        // any wire form: points come back float32 metres
     options.compression = "zstd";
+    if (argc > 4) options.input_size = std::atoi(argv[4]);   // multiple of 14; default 518, smaller is faster
     try {
         const zdepth::PointCloudResult r =
             client.pointcloud(zdepth::Image::encoded(jpeg), {525.0, 525.0, 319.5, 239.5}, options);

@@ -34,6 +34,10 @@ std::string shape_of(const zdepth::StreamResult& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    if (examples::wants_help(argc, argv)) {
+        std::cout << kUsageText;
+        return examples::kOk;
+    }
     try {
         const examples::Args args(argc, argv, {"server", "results", "stream", "count", "timeout", "server-key", "client-cert"});
         zdepth::SubscriberConfig config;
