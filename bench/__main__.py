@@ -15,6 +15,7 @@ from pathlib import Path
 from bench import (
     broker_capacity,
     compression,
+    cpp_client,
     latency,
     network,
     overhead,
@@ -33,6 +34,7 @@ BENCHMARKS = {
     "broker": ("requests/s and MB/s one broker relays with zero-compute stand-in workers", broker_capacity.add_arguments, broker_capacity.run),
     "network": ("reply forms and HTTP baselines over a shaped veth link between network namespaces (root)", network.add_arguments, network.run),
     "compression": ("bytes and codec time of every wire form of a 640x480 depth map", compression.add_arguments, compression.run),
+    "cpp": ("the C++ client's build time, and its overhead next to DepthClient's", cpp_client.add_arguments, cpp_client.run),
 }
 
 
