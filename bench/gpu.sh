@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
-# The GPU benchmark (bench/gpu.py) on a CUDA machine with torch preinstalled and no network:
-#   bash bench/gpu.sh [--quick] [--out bench/results/gpu.json]
-# The served round trip also needs pyzmq, msgpack and OpenCV; without pyzmq it is skipped.
-set -euo pipefail
+# One prepared GPU run, under 8 minutes on one GPU, on a machine with torch (CUDA) preinstalled
+# and no network:
+#   bash bench/gpu.sh [--quick]
+# 1. the GPU tests (compiled vs eager in fp16/bf16, CUDA graphs, the engine on CUDA), at most 2.5 min;
+# 2. the GPU benchmark (bench/gpu.py: eager and compiled model rows, the served round trips), at most 5 min.
+# Raw output goes to docs/perf/: gpu-<device>.json (the numbers, rewritten after each part) and
+# gpu-<device>.log (everything printed). The served round trips also need pyzmq, msgpack and OpenCV.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-exec python3 bench/gpu.py "$@"
+device=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-') if torch.cuda.is_available() else 'no-cuda')")
+mkdir -p docs/perf
+log="docs/perf/gpu-$device.log"
+{
+    echo "== $(date -u +%FT%TZ) $device, git $(git rev-parse --short HEAD 2>/dev/null)"
+    echo "== GPU tests"
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_compile.py tests/test_engine.py -k "cuda"
+    echo "== tests exit status $?"
+    echo "== GPU benchmark"
+    timeout 300 python3 bench/gpu.py --out "docs/perf/gpu-$device.json" "$@"
+    echo "== benchmark exit status $?"
+} 2>&1 | tee "$log"

@@ -31,7 +31,8 @@ def _other_value(f: dataclasses.Field) -> list[str]:
         return [flag(f), str((action.default or 0) + 3)]
     if action.type is float:
         return [flag(f), str((action.default or 0) + 0.25)]
-    return [flag(f), "cpu" if f.name == "device" else f"other-{f.name}"]
+    valid = {"device": "cpu", "warmup_shapes": "480x640,720x1280@518"}  # strings their type checks
+    return [flag(f), valid.get(f.name, f"other-{f.name}")]
 
 
 def test_every_worker_flag_given_to_serve_reaches_the_worker():

@@ -20,10 +20,41 @@ from typing import Any, Collection, Optional
 from . import protocol as P
 from .fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S
 from .logs import FORMATS
+from .resize import DEFAULT_MAX_ASPECT, DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_TOKENS
 
 MIB = 1024 * 1024
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # compute precisions; the engine maps them to torch dtypes
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes (zdepth/compiled.py), or eager
+DEFAULT_MAX_GRAPHS = 8
+
+
+def parse_image_sizes(text: str) -> list[tuple[int, int, int]]:
+    """--warmup-shapes: "HxW[@S],..." image sizes in pixels, height first (480x640 is a landscape
+    VGA frame), each with the input size S the requests will ask for (default 518) ->
+    [(height, width, input_size)]. Raises ValueError naming the bad item."""
+    sizes = []
+    for item in text.split(","):
+        size, _, input_size = item.strip().partition("@")
+        height, _, width = size.partition("x")
+        try:
+            parsed = (int(height), int(width), int(input_size) if input_size else P.DEFAULT_INPUT_SIZE)
+        except ValueError:
+            raise ValueError(f"image size {item.strip()!r}: expected HEIGHTxWIDTH or HEIGHTxWIDTH@INPUT_SIZE, e.g. 480x640@518") from None
+        if min(parsed[:2]) < 1 or not P.MIN_INPUT_SIZE <= parsed[2] <= P.MAX_INPUT_SIZE or parsed[2] % P.PATCH_SIZE:
+            raise ValueError(f"image size {item.strip()!r}: sides must be positive and the input size a multiple of "
+                             f"{P.PATCH_SIZE} in [{P.MIN_INPUT_SIZE}, {P.MAX_INPUT_SIZE}]")
+        sizes.append(parsed)
+    return sizes
+
+
+def image_sizes_text(text: str) -> str:
+    """argparse type for --warmup-shapes: the text, once `parse_image_sizes` accepts it."""
+    try:
+        parse_image_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def option(default: Any = None, help: str = "", *, factory: Optional[type] = None, **argparse_kwargs: Any) -> Any:
@@ -112,6 +143,17 @@ class WorkerOptions:
     batch_wait_ms: float = option(2.0, "how long a forward pass waits for more requests to batch, ms")
     threads: Optional[int] = option(None, "torch threads per worker (serve's default: the CPU cores shared among CPU workers)", type=int)
     random_weights: bool = option(False, "random models instead of checkpoints (smoke runs; the depth is meaningless; health says so)")
+    compile: str = option("off", "torch.compile the model: one graph per (model, input shape, batch, dtype); reduce-overhead and "
+                          "max-autotune replay CUDA graphs on CUDA (fastest batch 1). A compile failure falls back to eager", choices=COMPILE_MODES)
+    max_graphs: int = option(DEFAULT_MAX_GRAPHS, "compiled graphs held per worker (LRU)")
+    warmup_shapes: Optional[str] = option(
+        None,
+        "image sizes to warm up before the worker counts as ready, HxW[@INPUT_SIZE],... e.g. 480x640,720x1280@518: each preloaded "
+        "model runs (with --compile: is compiled) at each size's model input shape and each batch bucket. "
+        "Default: one 64x64 frame at input size 518 on a GPU, 56 on the CPU",
+        type=image_sizes_text,
+        metavar="HxW,...",
+    )
     # image_url fetching is off unless hosts are allowed: a URL makes the server connect where the caller says.
     allow_url_host: list = option(
         factory=list,
@@ -127,9 +169,20 @@ class WorkerOptions:
         "the worker exits with status 3 and is restarted)",
     )
     max_image_pixels: int = option(P.MAX_IMAGE_PIXELS, "raw shapes (broker) and decoded JPEG/PNG sizes (worker) above it are too_large")
+    max_tokens: int = option(DEFAULT_MAX_TOKENS, "images whose model input after the resize has more patch tokens are too_large (broker: raw shapes; worker: all)")
+    max_aspect: float = option(DEFAULT_MAX_ASPECT, "images whose longer side exceeds this many times the shorter are too_large (broker: raw shapes; worker: all)")
+    max_jpeg_scans: int = option(DEFAULT_MAX_JPEG_SCANS, "JPEGs with more scans (progressive passes) are too_large before decoding")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = option("text", "text: key=value lines; json: one object per line", choices=FORMATS)
 
+    def preloaded(self) -> list[tuple[str, str]]:
+        """The --preload models as (encoder, dataset); a dataset left out is the default (hypersim)."""
+        return [(encoder, dataset or P.DEFAULT_DATASET) for encoder, _, dataset in (item.partition(":") for item in self.preload)]
+
+    def needed_checkpoints(self) -> list[tuple[str, str]]:
+        """What a worker loads: the default model (requests that name none) and the preloaded ones."""
+        return list(dict.fromkeys([(self.encoder, P.DEFAULT_DATASET), *self.preloaded()]))
+
 
 # Worker options that the broker uses too: `zdepth broker` has them, and `zdepth serve` adds them once.
-SHARED_WITH_BROKER = ("hang_timeout", "max_image_pixels", "log_level", "log_format")
+SHARED_WITH_BROKER = ("hang_timeout", "max_image_pixels", "max_tokens", "max_aspect", "log_level", "log_format")

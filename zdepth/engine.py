@@ -19,6 +19,8 @@ size are per-request parameters, never cache keys.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,20 +33,20 @@ import torch
 import torch.nn.functional as F
 
 from . import protocol as P
+from .compiled import CompiledGraphs, GraphKey, batch_bucket, batch_buckets
+from .config import COMPILE_MODES, DEFAULT_MAX_GRAPHS, DTYPE_NAMES, WorkerOptions
+from .errors import CheckpointError, ConfigError
 from .images import check_bgr
 from .model import DepthAnythingV2, random_init_
-from .model.checkpoints import CheckpointError, load_model
-from .request import Intrinsics, PredictRequest, check_dataset, check_encoder, parse_predict
+from .model.checkpoints import load_model
+from .request import ImageSpec, Intrinsics, PredictRequest, check_dataset, check_encoder, check_predict
+from .resize import resized_shape
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet, RGB order
-STD = (0.229, 0.224, 0.225)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))  # fp32, fp16, bf16
 PREPROCESS = ("auto", "torch", "exact")
 GRID_CACHE_SIZE = 16
 
-
-class ConfigError(ValueError):
-    """The engine was configured with something this machine cannot do (no CUDA, fp16 on CPU...)."""
+log = logging.getLogger("zdepth.engine")
 
 
 @dataclass
@@ -61,35 +63,20 @@ class Result:
 # --- pre- and post-processing ---------------------------------------------------------------
 
 
-def resized_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
-    """The official "lower_bound" resize: both sides scaled by the larger of S/h and S/w, each
-    rounded (numpy, half to even) to a multiple of 14, or rounded up if that falls below S."""
-    scale = max(input_size / height, input_size / width)
-
-    def side(length: int) -> int:
-        target = scale * length
-        rounded = int(np.round(target / P.PATCH_SIZE) * P.PATCH_SIZE)
-        if rounded < input_size:
-            rounded = int(np.ceil(target / P.PATCH_SIZE) * P.PATCH_SIZE)
-        return rounded
-
-    return side(height), side(width)
-
-
 def preprocess_exact(image_bgr: np.ndarray, input_size: int) -> np.ndarray:
     """The official pre-processing, operation for operation (OpenCV on float64): (1, 3, h, w) float32."""
     height, width = resized_shape(image_bgr.shape[0], image_bgr.shape[1], input_size)
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB) / 255.0
     rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
-    rgb = (rgb - np.array(MEAN)) / np.array(STD)
+    rgb = (rgb - np.array(P.IMAGENET_MEAN)) / np.array(P.IMAGENET_STD)
     return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None]).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std on the 0..255 scale, shaped (1, 3, 1, 1), kept on the device."""
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(P.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(P.IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
     return mean, std
 
 
@@ -100,7 +87,7 @@ def preprocess_torch(image_bgr: np.ndarray, input_size: int, device: torch.devic
     from `preprocess_exact` by float32 rounding only. Returns (1, 3, h, w) float32."""
     height, width = resized_shape(image_bgr.shape[0], image_bgr.shape[1], input_size)
     # torch wants a writable array with positive strides; a frame's read-only view is copied once.
-    x = torch.from_numpy(np.require(image_bgr, np.uint8, ("C", "W"))).to(device)
+    x = to_device(np.require(image_bgr, np.uint8, ("C", "W")), device)
     x = x.permute(2, 0, 1).flip(0).unsqueeze(0).float()  # BGR HWC -> RGB NCHW
     x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
     mean, std = _normalisation(device)
@@ -162,6 +149,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` (sharing the array's memory on the CPU). To CUDA it goes through
+    pinned (page-locked) host memory and a non-blocking copy: the copy engine reads pinned memory
+    directly, and the copy is queued on the stream instead of stalling the host."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array, copied once (not at all when it is already on the CPU). From
+    CUDA it lands in pinned host memory (a non-blocking copy, then one wait for the stream); the
+    array keeps that block alive until the reply is sent, then torch's host allocator reuses it."""
+    if tensor.device.type != "cuda":
+        return tensor.numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
@@ -174,15 +183,28 @@ class Engine:
 
     def __init__(
         self,
-        checkpoint_dir: str | Path = "checkpoints",
-        device: str = "auto",
-        dtype: str = "fp32",
-        max_models: int = 2,
+        checkpoint_dir: str | Path = WorkerOptions.checkpoint_dir,
+        device: str = WorkerOptions.device,
+        dtype: str = WorkerOptions.dtype,
+        max_models: int = WorkerOptions.max_models,
         random_weights: bool = False,
-        default_encoder: str = "vits",
+        default_encoder: str = WorkerOptions.encoder,
         threads: Optional[int] = None,
         preprocess: str = "auto",
+        compile: str = "off",
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+        max_batch: int = WorkerOptions.max_batch,
+        compile_in_background: Optional[bool] = None,
     ):
+        """`compile` (zdepth/compiled.py): "off" runs the model eagerly; "default", "reduce-overhead"
+        or "max-autotune" run it through torch.compile graphs, one per (model, input shape, batch
+        bucket, dtype), at most `max_graphs` held. Batches are padded to the buckets of
+        `max_batch` (1, 2, 4, ... max_batch). A graph not built yet is built inline (the results'
+        timing then has `compile_ms`) or, with `compile_in_background`, in a background thread while
+        the batches that need it run eagerly. None (the default) means on CUDA only: there the
+        host's cores are free to compile while the GPU serves, whereas on the CPU a compile takes
+        the cores the requests need. CUDA graphs are always built inline (they are recorded per
+        thread). `warm_up` builds graphs ahead of traffic."""
         if max_models < 1:
             raise ConfigError(f"max_models must be at least 1, got {max_models}")
         if preprocess not in PREPROCESS:
@@ -201,6 +223,19 @@ class Engine:
         self.preprocess = preprocess
         self._models: OrderedDict[tuple[str, str], DepthAnythingV2] = OrderedDict()
         self._grids: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        if compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
+        if max_batch < 1 or max_graphs < 1:
+            raise ConfigError(f"max_batch and max_graphs must be at least 1, got {max_batch} and {max_graphs}")
+        self.max_batch = max_batch
+        self.graphs = None if compile == "off" else CompiledGraphs(compile, self.device, max_graphs)
+        self.warming = False  # true while `warm_up` builds graphs: health shows it
+        if compile_in_background is None:
+            compile_in_background = self.device.type == "cuda"
+        self.compile_in_background = compile_in_background and self.graphs is not None and not self.graphs.cuda_graphs
+        self._building: set[GraphKey] = set()  # graphs a background thread is building or will build
+        self._building_lock = threading.Lock()
+        self._one_build_at_a_time = threading.Lock()
 
     # --- models ---
 
@@ -270,20 +305,90 @@ class Engine:
             _sync(self.device)
             pre_ms.append(_ms(start))
         start = time.perf_counter()
-        output = model(torch.cat(inputs).to(self.dtype))
+        output, compile_ms = self._forward(requests[0].model_key, model, torch.cat(inputs).to(self.dtype))
         _sync(self.device)
         inference_ms = _ms(start)
+        extra = {} if compile_ms is None else {"compile_ms": round(compile_ms, 3)}  # inference_ms includes it
         results = []
         for i, (request, image) in enumerate(zip(requests, images)):
             start = time.perf_counter()
             result = self._finish(request, image, output[i])
-            result.timing = {"pre_ms": pre_ms[i], "inference_ms": inference_ms, "post_ms": _ms(start)}
+            result.timing = {"pre_ms": pre_ms[i], "inference_ms": inference_ms, **extra, "post_ms": _ms(start)}
             results.append(result)
         return results
 
+    # --- compiled graphs (zdepth/compiled.py) ---
+
+    def _forward(self, model_key: tuple[str, str], model: DepthAnythingV2, x: torch.Tensor) -> tuple[torch.Tensor, Optional[float]]:
+        """`model(x)` for x (n, 3, h, w) in the engine's dtype, eagerly or through the compiled graph
+        of its key, padded to the batch bucket (repeating the last input) and cut back to n:
+        (output (n, h, w), the ms spent building the graph in this call, or None)."""
+        if self.graphs is None:
+            return model(x), None
+        n = x.shape[0]
+        key = GraphKey(*model_key, shape=tuple(x.shape[2:]), batch=batch_bucket(n, self.max_batch), dtype=self.dtype_name)
+        if self.compile_in_background and key not in self.graphs:
+            self._build_later(key, model)
+            return model(x), None
+        if key.batch > n:
+            x = torch.cat([x, x[-1:].expand(key.batch - n, -1, -1, -1)])
+        output, build_ms = self.graphs.run(key, model, x)
+        return output[:n], build_ms
+
+    def _build_later(self, key: GraphKey, model: DepthAnythingV2) -> None:
+        """Build `key`'s graph in a daemon thread (one build at a time; a process that exits
+        mid-build does not wait for it), once per key, at most `max_graphs` queued."""
+        with self._building_lock:
+            if key in self._building or len(self._building) >= self.graphs.max_graphs:
+                return
+            self._building.add(key)
+        threading.Thread(target=self._build_in_background, args=(key, model), name="zdepth-compile", daemon=True).start()
+
+    def _build_in_background(self, key: GraphKey, model: DepthAnythingV2) -> None:
+        try:
+            with self._one_build_at_a_time:
+                self._build(key, model)
+        except Exception:  # the graph falls back to eager inside CompiledGraphs; this is anything else
+            log.exception("building %s in the background failed", key)
+        finally:
+            with self._building_lock:
+                self._building.discard(key)
+
+    def _build(self, key: GraphKey, model: DepthAnythingV2) -> Optional[float]:
+        """Build `key`'s graph by running it once on zeros; the ms it took, None if it was held."""
+        x = torch.zeros(key.batch, 3, *key.shape, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            if self.graphs is None:
+                model(x)
+                _sync(self.device)
+                return None
+            _, build_ms = self.graphs.run(key, model, x)
+            _sync(self.device)
+        return build_ms
+
+    def warm_up(self, image_sizes: Sequence[tuple[int, int, int]], models: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Run each model once at each image size (height, width, input_size) and each batch
+        bucket, so that no request pays a first call: with `compile`, this builds the graphs
+        (`warming` is true meanwhile); without, it runs one eager forward pass per shape and batch.
+        Returns one row per (model, input shape, batch) with the ms it took."""
+        rows = []
+        self.warming = True
+        try:
+            for encoder, dataset in models:
+                model = self.model(encoder, dataset)
+                for shape in dict.fromkeys(resized_shape(*size) for size in image_sizes):
+                    for batch in batch_buckets(self.max_batch):
+                        key = GraphKey(encoder, dataset, shape, batch, self.dtype_name)
+                        start = time.perf_counter()
+                        self._build(key, model)
+                        rows.append({"model": f"{encoder}_{dataset}", "shape": list(shape), "batch": batch, "ms": _ms(start)})
+        finally:
+            self.warming = False
+        return rows
+
     def _preprocess(self, image: np.ndarray, input_size: int) -> torch.Tensor:
         if self.preprocess == "exact":
-            return torch.from_numpy(preprocess_exact(image, input_size)).to(self.device)
+            return to_device(preprocess_exact(image, input_size), self.device)
         return preprocess_torch(image, input_size, self.device)
 
     def _finish(self, request: PredictRequest, image: np.ndarray, output: torch.Tensor) -> Result:
@@ -297,11 +402,11 @@ class Engine:
         arrays = {}
         if request.method == P.POINTCLOUD:
             points = unproject(depth, request.intrinsics_for(*depth.shape), *self._pixel_grid(*depth.shape))
-            arrays["points"] = points.to(out_dtype).cpu().numpy()
+            arrays["points"] = to_host(points.to(out_dtype))
             if request.with_color:
                 arrays["colors"] = np.ascontiguousarray(image[..., ::-1]).reshape(-1, 3)
         else:
-            arrays["depth"] = depth.to(out_dtype).cpu().numpy()
+            arrays["depth"] = to_host(depth.to(out_dtype))
         return Result(arrays, low, high, f"{request.encoder}_{request.dataset}")
 
     def _pixel_grid(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +422,8 @@ class Engine:
         self._grids.move_to_end(key)
         return self._grids[key]
 
-    # --- the old API's calls, for the CLI and notebooks ---
+    # --- the local API (the CLI, scripts, notebooks): `request` builds a validated PredictRequest
+    # for `run`; `predict` and the old API's names run one image ---
 
     def request(
         self,
@@ -333,24 +439,15 @@ class Engine:
         output_dtype: Optional[str] = None,
         camera_info: Any = None,
     ) -> PredictRequest:
-        """A PredictRequest for a local image, built by the same validator the server uses
-        (`request.parse_predict`), so a bad parameter gives the same message here as on the wire."""
-        image = np.ascontiguousarray(check_bgr(image_bgr))
-        header = P.request_header(
-            method,
-            image={"frame": 1, "format": "raw", "shape": list(image.shape)},
-            encoder=encoder,
-            dataset=dataset,
-            max_depth=max_depth,
-            input_size=input_size,
-            intrinsics=intrinsics,
-            with_color=with_color,
-            output_dtype=output_dtype,
-            camera_info=camera_info,
+        """A PredictRequest for a local BGR uint8 (H, W, 3) image, checked by the validator the
+        server uses (`request.check_predict`), so a bad parameter gives the same message here as
+        on the wire. The image is already in memory: no pixel limit applies."""
+        fields = dict(
+            method=method, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size,
+            intrinsics=intrinsics, with_color=with_color, output_dtype=output_dtype, camera_info=camera_info,
         )
-        # The array is already in memory, so no pixel limit applies to local calls.
-        frames = [b"", memoryview(image).cast("B")]
-        return parse_predict(header, frames, default_encoder=self.default_encoder, max_pixels=image.shape[0] * image.shape[1])
+        image = ImageSpec(format="raw", shape=check_bgr(image_bgr).shape)
+        return check_predict(fields, image, self.default_encoder)
 
     def predict(self, method: str, image_bgr: np.ndarray, **fields: Any) -> Result:
         """One image, one request: `run` with a request built by `request(method, image_bgr, **fields)`."""

@@ -21,13 +21,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import zmq
 
 from . import protocol as P
 from .compact import wire_arrays
+from .config import WorkerOptions
 from .request import parse_predict
 from .resize import ComputeLimits
 
@@ -37,17 +38,23 @@ HANG_EXIT_STATUS = 3
 WARM_UP_SHAPE = (64, 64, 3)  # the warm-up frame: uint8 BGR, its content irrelevant
 
 
-def warm_up_engine(engine: Any, preload: list, default_dataset: str = P.DEFAULT_DATASET) -> None:
-    """Run one frame through the first `preload` model ("ENCODER:DATASET"; without any, the
-    default encoder's `default_dataset` model), so the first request pays no first-call cost.
-    The frame runs at the default input size on a GPU, where the first call builds kernels for
-    that size, and at the smallest input size on a CPU, where only the path needs checking.
+def warm_up_engine(engine: Any, preload: list, image_sizes: Sequence[tuple[int, int, int]] = (), default_dataset: str = P.DEFAULT_DATASET) -> None:
+    """Run every `preload` model ("ENCODER:DATASET"; without any, the default encoder's
+    `default_dataset` model) at each image size (height, width, input_size) and each batch bucket
+    (`Engine.warm_up`: with --compile this builds the graphs, and health shows the worker
+    `warming`), then one whole frame at the first size through the first model, so the first
+    request pays no first-call cost. Without `image_sizes` (--warmup-shapes), the frame's size:
+    the default input size on a GPU, where the first call builds kernels for that size, and the
+    smallest input size on a CPU, where only the path needs checking.
     Raises what loading or running raises (e.g. `model_unavailable` when no checkpoint exists)."""
-    encoder, _, dataset = preload[0].partition(":") if preload else (engine.default_encoder, "", default_dataset)
-    dataset = dataset or default_dataset
+    models = [(encoder, dataset or default_dataset) for encoder, _, dataset in (item.partition(":") for item in preload)]
+    models = models or [(engine.default_encoder, default_dataset)]
+    if not image_sizes:
+        image_sizes = [(*WARM_UP_SHAPE[:2], P.MIN_INPUT_SIZE if engine.device.type == "cpu" else P.DEFAULT_INPUT_SIZE)]
+    engine.warm_up(image_sizes, models)
+    (encoder, dataset), (height, width, size) = models[0], image_sizes[0]
     method = P.REL_DEPTH if dataset == "relative" else P.METRIC_DEPTH
-    size = P.MIN_INPUT_SIZE if engine.device.type == "cpu" else P.DEFAULT_INPUT_SIZE
-    engine.predict(method, np.zeros(WARM_UP_SHAPE, np.uint8), encoder=encoder, dataset=dataset, input_size=size)
+    engine.predict(method, np.zeros((height, width, 3), np.uint8), encoder=encoder, dataset=dataset, input_size=size)
 
 
 @dataclass
@@ -63,13 +70,14 @@ class Worker:
         connect: str,
         engine: Any,
         name: Optional[str] = None,
-        max_batch: int = 1,
-        batch_wait_ms: float = 2.0,
+        max_batch: int = WorkerOptions.max_batch,
+        batch_wait_ms: float = WorkerOptions.batch_wait_ms,
         heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S,
         liveness: int = P.HEARTBEAT_LIVENESS,
         hang_timeout_s: Optional[float] = None,
-        max_image_pixels: int = 4096 * 4096,
+        max_image_pixels: int = P.MAX_IMAGE_PIXELS,
         compute: ComputeLimits = ComputeLimits(),
+        curve_keys: Optional[tuple] = None,
         fetch_url: Optional[Callable[[str], bytes]] = None,
         context: Optional[zmq.Context] = None,
         warm_up: Optional[Callable[[], None]] = None,
@@ -85,6 +93,7 @@ class Worker:
         self.hang_timeout_s = hang_timeout_s
         self.max_image_pixels = max_image_pixels
         self.compute = compute
+        self.curve_keys = curve_keys  # (public, secret, server public), Z85: CURVE to a broker's --worker-keys port
         self.fetch_url = fetch_url
         self.context = context or zmq.Context.instance()
         self.served = 0
@@ -167,6 +176,9 @@ class Worker:
         self._drop_queued_tasks()
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)  # a broker at tcp://[v6 address]:P
+        if self.curve_keys is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve_keys
         sock.connect(self.connect)
         self._socket = sock
         self._broker_expiry = time.monotonic() + self.heartbeat_interval_s * self.liveness
