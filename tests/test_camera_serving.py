@@ -66,3 +66,29 @@ def test_pointcloud_stream_with_camera_info(server):
     assert result is not None and result.ok, result
     points = np.asarray(result.points, dtype=np.float32)
     np.testing.assert_allclose(points, unproject(points[:, 2].reshape(HEIGHT, WIDTH), HALF), rtol=1e-3, atol=1e-3)
+
+
+def test_a_camera_info_that_does_not_fit_fails_alone_in_its_batch(tmp_path, checkpoint_dir):
+    """The worker checks camera_info against each decoded image before the batch's forward
+    pass: the other requests batched with it are answered normally."""
+    import zmq
+
+    srv = Server(tmp_path, checkpoint_dir, workers=1, extra=["--max-batch", "4", "--batch-wait-ms", "300"])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(srv.endpoint)
+    try:
+        for i, data in enumerate((jpeg(), jpeg(HEIGHT, HEIGHT), jpeg())):  # the middle one is square: no uniform scale
+            header = P.request_header(P.POINTCLOUD, id=i, camera_info=CAMERA_INFO, input_size=TEST_INPUT_SIZE, image={"frame": 1, "format": "jpeg"})
+            sock.send_multipart([b"", P.packb(header), data])
+        replies = {}
+        for _ in range(3):
+            assert sock.poll(60_000)
+            head = P.decode_header(sock.recv_multipart()[1])
+            replies[head["id"]] = head
+    finally:
+        sock.close()
+        srv.stop()
+    assert replies[0]["ok"] and replies[2]["ok"], replies
+    assert replies[1]["error"]["code"] == P.BAD_REQUEST and "uniform scale" in replies[1]["error"]["message"]
+    assert replies[0]["timing"]["inference_ms"] == replies[2]["timing"]["inference_ms"]  # batched together
