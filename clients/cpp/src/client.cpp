@@ -16,7 +16,6 @@
 #include <functional>
 #include <iterator>
 #include <limits>
-#include <sstream>
 #include <string_view>
 #include <thread>
 #include <utility>

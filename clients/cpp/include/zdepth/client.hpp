@@ -106,7 +106,9 @@ struct CameraInfo {
 };
 
 // The optional prediction fields of docs/protocol.md 4.2; unset fields are left out of the
-// request, so the server's defaults apply.
+// request, so the server's defaults apply: depth and points as exact float32, uncompressed.
+// (Python's DepthClient asks for uint16 + zstd by default; set output_dtype and compression
+// here for the same 6x fewer bytes.)
 struct Options {
     std::optional<std::string> encoder;  // vits | vitb | vitl | vitg
     std::optional<std::string> dataset;  // hypersim | vkitti | relative
