@@ -131,3 +131,13 @@ def test_bad_camera_options_are_one_line_errors(tmp_path):
     assert done.returncode == 2 and "go together" in done.stderr and "Traceback" not in done.stderr
     done = record("--stream", "x", "--mcap", str(tmp_path / "x.mcap"), "--camera-info", str(tmp_path / "missing.yaml"), timeout=30)
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_a_missing_extra_is_named(tmp_path):
+    """Without rosbags (hidden from the child's importlib.util.find_spec), the command names
+    the extra instead of failing with a traceback."""
+    stub = ("import sys, importlib.util as u; find = u.find_spec; u.find_spec = lambda n, *a: None if n == 'rosbags' else find(n, *a); "
+            "from zdepth.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", stub, "record", "--stream", "x", "--mcap", str(tmp_path / "x.mcap")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "pip install 'zdepth[ros]'" in done.stderr, done.stderr

@@ -18,7 +18,7 @@ import argparse
 import re
 import sys
 
-from .stream_tools import add_stream_options, bounded_results, intrinsics_from_args
+from .stream_tools import add_stream_options, bounded_results, intrinsics_from_args, require_extra
 
 ENCODING_CHOICES = ("32FC1", "16UC1", "both")
 TOPICS = {"32FC1": "depth/image", "16UC1": "depth/image_raw", "camera_info": "depth/camera_info", "points": "depth/points"}
@@ -47,6 +47,7 @@ def ros_name(stream: str) -> str:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    require_extra("ros", "rosbags", "mcap")
     from clients import DepthSubscriber
 
     from . import ros

@@ -4,6 +4,7 @@ line, and a bounded loop over a stream's results that ends cleanly on Ctrl-C or 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import threading
 import time
@@ -11,13 +12,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from .camera import load_camera_info_yaml, scaled_intrinsics
+from .errors import CommandError
 from .request import Intrinsics, check_intrinsics
 
 IntrinsicsFor = Callable[[int, int], Optional[Intrinsics]]
 
 
-class StreamOptionsError(ValueError):
-    """Camera options that do not go together, or a camera_info file that cannot be read."""
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise CommandError naming the pip extra when one of `modules` is not installed."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CommandError(f"this command needs {', '.join(missing)}: pip install 'zdepth[{extra}]'")
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
@@ -37,18 +42,18 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
 
 def intrinsics_from_args(args: argparse.Namespace) -> IntrinsicsFor:
     """(height, width) -> the intrinsics for a frame of that size, or None without a camera.
-    Raises StreamOptionsError for an incomplete --fx/--fy/--cx/--cy, both kinds of camera or an
+    Raises CommandError for an incomplete --fx/--fy/--cx/--cy, both kinds of camera or an
     unreadable file, ZDepthError(bad_request) for a file that is not a camera_info."""
     given = [args.fx, args.fy, args.cx, args.cy]
     if any(v is not None for v in given) and None in given:
-        raise StreamOptionsError("--fx, --fy, --cx and --cy go together")
+        raise CommandError("--fx, --fy, --cx and --cy go together")
     if args.camera_info is not None:
         if args.fx is not None:
-            raise StreamOptionsError("give --fx/--fy/--cx/--cy or --camera-info, not both")
+            raise CommandError("give --fx/--fy/--cx/--cy or --camera-info, not both")
         try:
             text = args.camera_info.read_text()
         except OSError as exc:
-            raise StreamOptionsError(f"cannot read {args.camera_info}: {exc.strerror or exc}") from None
+            raise CommandError(f"cannot read {args.camera_info}: {exc.strerror or exc}") from None
         info = load_camera_info_yaml(text)
         return lambda height, width: scaled_intrinsics(info, height, width)
     if args.fx is None:

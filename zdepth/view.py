@@ -27,7 +27,7 @@ import numpy as np
 
 from .geometry import colorize, unproject
 from .request import Intrinsics
-from .stream_tools import add_stream_options, bounded_results, intrinsics_from_args
+from .stream_tools import add_stream_options, bounded_results, intrinsics_from_args, require_extra
 
 APPLICATION_ID = "zdepth"
 
@@ -46,7 +46,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def recording(save: Optional[str]) -> Any:
-    """A rerun RecordingStream writing to `save` (an .rrd path), or to a spawned viewer."""
+    """A rerun RecordingStream writing to `save` (an .rrd path), or to a spawned viewer.
+    Raises CommandError without the `viewer` extra."""
+    require_extra("viewer", "rerun")
     import rerun as rr
 
     stream = rr.RecordingStream(APPLICATION_ID)
@@ -78,12 +80,11 @@ def log_frame(rec: Any, entity: str, depth: np.ndarray, intrinsics: Optional[Int
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    import rerun as rr
-
     from clients import DepthSubscriber
 
     intrinsics_for = intrinsics_from_args(args)
     rec = recording(args.save)
+    import rerun as rr  # present: recording() checked
     for name in args.stream:
         rec.log(f"world/{name}", rr.ViewCoordinates.RDF, static=True)
     dropped: dict[str, int] = dict.fromkeys(args.stream, 0)
