@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -215,14 +216,15 @@ def test_timeout_then_success_on_a_new_socket(cpp, files, server, socket):
     assert same_bits(np.load(out), np.asarray(expected)), "the answer is the real server's"
 
 
-def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
-    stream, count = "cpp-cam", 3
-    argv = [cpp / "stream_subscriber", "--server", server.endpoint, "--stream", stream, "--count", count, "--timeout", 60]
-    subscriber = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def subscribe_while_sending(cpp: Path, camera: CameraPublisher, *args) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `stream_subscriber ARGS`, run while `camera` sends IMAGE
+    every 0.2 s until the subscriber exits (60 s at most)."""
+    argv = [str(a) for a in [cpp / "stream_subscriber", "--timeout", 60, *args]]
+    subscriber = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        with CameraPublisher(server.stream, stream=stream, key=KEY, input_size=TEST_INPUT_SIZE) as camera:
+        with camera:
             deadline = time.monotonic() + 60
-            while subscriber.poll() is None and time.monotonic() < deadline:  # until it has its N results
+            while subscriber.poll() is None and time.monotonic() < deadline:
                 camera.send(IMAGE)
                 time.sleep(0.2)
         out, err = subscriber.communicate(timeout=10)
@@ -230,7 +232,14 @@ def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
         if subscriber.poll() is None:
             subscriber.kill()
             subscriber.wait()
-    assert subscriber.returncode == 0, err
+    return subscriber.returncode, out, err
+
+
+def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
+    stream, count = "cpp-cam", 3
+    camera = CameraPublisher(server.stream, stream=stream, key=KEY, input_size=TEST_INPUT_SIZE)
+    returncode, out, err = subscribe_while_sending(cpp, camera, "--server", server.endpoint, "--stream", stream, "--count", count)
+    assert returncode == 0, err
     lines = out.splitlines()
     assert len(lines) == count
     seqs = [int(line.split("seq=")[1].split()[0]) for line in lines]
@@ -300,18 +309,30 @@ def test_curve_wrong_keys_time_out(cpp, files, curve, who):
     assert run.returncode == 2 and "timeout" in run.stderr, (run.returncode, run.stderr)
 
 
+def test_curve_subscriber_receives_with_the_right_keys(cpp, curve):
+    stream = "cpp-secure-cam"
+    host, port = curve["endpoint"].rsplit(":", 1)
+    camera = CameraPublisher(f"{host}:{int(port) + P.STREAM_PORT_OFFSET}", stream=stream, input_size=TEST_INPUT_SIZE,
+                             server_key=curve["server"], client_keys=curve["robot"])
+    returncode, out, err = subscribe_while_sending(cpp, camera, "--server", curve["endpoint"], "--stream", stream, "--count", 1,
+                                                   "--server-key", curve["server"], "--client-cert", curve["robot"])
+    assert returncode == 0 and f"stream={stream} " in out, err
+
+
 # --- reply decoding, against crafted replies ------------------------------------------------
 
 
 class Stub:
-    """A ROUTER that answers every request with one crafted reply: (descriptor, frame)."""
+    """A ROUTER that answers every request with one crafted reply: (descriptor, frame).
+    `stale`: a reply with another id comes first, as a late answer to an old request would."""
 
-    def __init__(self, descriptor: dict, frame: bytes):
+    def __init__(self, descriptor: dict, frame: bytes, stale: Optional[tuple] = None):
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.linger = 0
         self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
         self.reply = (descriptor, frame)
+        self.stale = stale
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -322,9 +343,9 @@ class Stub:
                 continue
             frames = self.router.recv_multipart()
             request_id = P.decode_header(frames[2])["id"]
-            descriptor, frame = self.reply
-            header = P.ok_header(request_id, arrays={"depth": descriptor}, min=0.0, max=1.0, timing={})
-            self.router.send_multipart([frames[0], b"", P.packb(header), frame])
+            for reply_id, (descriptor, frame) in ([(request_id + 1000, self.stale)] if self.stale else []) + [(request_id, self.reply)]:
+                header = P.ok_header(reply_id, arrays={"depth": descriptor}, min=0.0, max=1.0, timing={})
+                self.router.send_multipart([frames[0], b"", P.packb(header), frame])
 
     def close(self) -> None:
         self._stop.set()
@@ -332,8 +353,8 @@ class Stub:
         self.context.destroy(linger=0)
 
 
-def ask_stub(cpp: Path, files: dict, descriptor: dict, frame: bytes) -> tuple:
-    stub = Stub(descriptor, frame)
+def ask_stub(cpp: Path, files: dict, descriptor: dict, frame: bytes, stale: Optional[tuple] = None) -> tuple:
+    stub = Stub(descriptor, frame, stale)
     out = files["out"] / "stub.npy"
     out.unlink(missing_ok=True)
     try:
@@ -341,6 +362,14 @@ def ask_stub(cpp: Path, files: dict, descriptor: dict, frame: bytes) -> tuple:
     finally:
         stub.close()
     return run, (np.load(out) if run.returncode == 0 else None)
+
+
+def test_dealer_drops_replies_with_another_id(cpp, files):
+    depth = np.arange(8, dtype=np.float32).reshape(2, 4)
+    desc = {"frame": 1, "dtype": "float32", "shape": [2, 4]}
+    run, got = ask_stub(cpp, files, desc, depth.tobytes(), stale=(desc, (depth + 100).tobytes()))
+    assert run.returncode == 0, run.stderr
+    assert same_bits(got, depth)
 
 
 def test_float16_converts_exactly(cpp, files):
