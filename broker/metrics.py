@@ -3,9 +3,9 @@
 The poll loop records events here (a request answered with an outcome and a latency, a
 request per key name, a miscellaneous event such as a malformed envelope; every request is
 answered exactly once, so answers count requests); `snapshot()` turns them
-into the `stats` reply, and `PrometheusExporter` serves the same numbers over HTTP from
-`prometheus_client`'s own server thread. prometheus_client is imported only when the exporter
-is started, so the broker runs without it.
+into the `stats` reply, and `PrometheusExporter` serves the same numbers over HTTP from its
+own server thread, next to the `/healthz` and `/readyz` probes. prometheus_client is imported
+only when the exporter is started, so the broker runs without it.
 
 Labels are bounded: methods outside the protocol's are counted as "invalid", outcomes are
 "ok" or one of the fixed error codes, and key names (which say who uses the server) appear
@@ -17,13 +17,19 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import json
 import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
 from typing import Any, Callable, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from zdepth import protocol as P
 
 log = logging.getLogger("zdepth.broker")
 
+PROBES = {"/healthz": "live", "/readyz": "ready"}  # HTTP path -> the state that makes it answer 200
 LATENCY_WINDOW = 2048  # recent round trips kept per method for percentiles
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INVALID_METHOD = "invalid"  # the label of requests whose method could not be read
@@ -107,15 +113,29 @@ def _percentile(ordered: list, q: int) -> float:
     return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 3)
 
 
-class PrometheusExporter:
-    """Serves `metrics` (and the broker's live gauges) at http://host:port/metrics.
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args: Any) -> None:  # probes every few seconds would flood the log
+        pass
 
-    `gauges()` is called on each scrape, from the HTTP thread: it must only read (queue
-    length, worker count, bytes held, stream totals), never change broker state."""
+
+def _http_server_class(host: str) -> type:
+    """A threading WSGI server class for `host`'s address family (IPv4 or IPv6)."""
+    family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    return type("ExporterServer", (ThreadingMixIn, WSGIServer), {"daemon_threads": True, "address_family": family})
+
+
+class PrometheusExporter:
+    """Serves `metrics` (and the broker's live gauges) at http://host:port/metrics, and probes
+    for systemd and Kubernetes: `/healthz` answers 200 while the broker's loop runs (`live`),
+    `/readyz` 200 while it can serve (`ready`: health status healthy or degraded), 503
+    otherwise; both with a JSON body {"status", "live", "ready"}.
+
+    `gauges()` is called on each scrape and probe, from the HTTP thread: it must only read
+    (queue length, worker count, bytes held, stream totals, status), never change broker state."""
 
     def __init__(self, metrics: Metrics, gauges: Callable[[], dict], host: str, port: int):
         try:
-            from prometheus_client import ProcessCollector, start_http_server
+            from prometheus_client import ProcessCollector, make_wsgi_app
             from prometheus_client.registry import CollectorRegistry
         except ImportError:
             raise RuntimeError("--metrics-port needs prometheus_client (pip install 'zdepth[metrics]')") from None
@@ -124,9 +144,22 @@ class PrometheusExporter:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends: memory that should stay flat
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict, start_response: Callable) -> list:
+            probe = PROBES.get(environ.get("PATH_INFO", ""))
+            if probe is None:
+                return metrics_app(environ, start_response)
+            live = self.gauges()
+            state = {name: live[name] for name in ("status", "live", "ready")}
+            start_response("200 OK" if state[probe] else "503 Service Unavailable", [("Content-Type", "application/json")])
+            return [json.dumps(state).encode()]
+
+        self._server = make_server(host, port, app, _http_server_class(host), _QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="zdepth-metrics", daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
-        log.info("prometheus metrics on http://%s:%d/metrics", host, self.port)
+        log.info("prometheus metrics on http://%s:%d/metrics, probes /healthz and /readyz", host, self.port)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -52,11 +52,12 @@ def worker_models(value: Any) -> list:
 
 def worker_state(status: dict) -> dict:
     """What READY and every heartbeat say about the worker's state, each type-checked: resident
-    models, `ready` (preloads loaded and a warm-up frame run), `warming` (compiling a graph) and
-    `problem` (why it is not ready, e.g. its warm-up failed)."""
+    models, `ready` (preloads loaded and a warm-up frame run), `warming` (compiling a graph),
+    `graphs` (its compiled graphs) and `problem` (why it is not ready, e.g. its warm-up failed)."""
     return {
         "models": worker_models(status.get("models")),
         "ready": status.get("ready") is True,
+        "graphs": worker_models(status.get("graphs")),  # compiled graphs: short strings too, as models
         "warming": status.get("warming") is True,
         "problem": status["problem"][:512] if isinstance(status.get("problem"), str) else None,  # a long message is cut, not dropped
     }

@@ -1,7 +1,7 @@
 """Real server processes for integration tests: `zdepth serve`, `zdepth broker`, `zdepth worker`.
 
 Nothing here is a mock: each helper starts the real command as a subprocess on free ports
-and waits until the broker answers `health` with the expected number of workers.
+and waits until the broker answers `health` with the expected number of workers past their warm-up.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class Server:
             if self.process.proc.poll() is not None:
                 raise RuntimeError(f"zdepth serve exited with {self.process.proc.returncode}:\n{self.process.log()}")
             state = health(self.endpoint, timeout_s=1.0)
-            if state and len(state.get("workers", [])) >= workers:
+            # each worker is past its warm-up: ready, or not ready for a reason it reports (e.g. no checkpoint)
+            if state and sum(bool(w.get("ready") or w.get("problem")) for w in state.get("workers", [])) >= workers:
                 return state
             time.sleep(0.1)
         raise RuntimeError(f"zdepth serve not ready with {workers} workers in {timeout_s} s:\n{self.process.log()}")

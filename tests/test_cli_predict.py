@@ -117,3 +117,20 @@ def test_importing_the_cli_stays_light():
     code = "import sys, zdepth.cli; print(sorted(m for m in ('torch', 'cv2', 'zdepth.engine') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
     assert "predict" in zdepth("--help").stdout
+
+
+def test_predict_goes_on_past_bad_files_and_names_them(images, tmp_path):
+    """Before: `predict a.jpg notes.txt b.jpg` stopped at notes.txt without naming it, and b.jpg was skipped silently."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    run = zdepth("predict", images / "scene.jpg", notes, tmp_path / "missing.jpg", images / "tall.png", "--random-weights", "--input-size", 56, "--out", tmp_path / "out")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert (tmp_path / "out" / "scene_depth.npy").exists() and (tmp_path / "out" / "tall_depth.npy").exists()
+    assert f"2 of 4 images failed: {notes}, {tmp_path / 'missing.jpg'}" in run.stderr
+    assert f"cannot read {notes}" in run.stderr
+
+
+def test_predict_bad_out_is_one_line(images):
+    run = zdepth("predict", images / "scene.jpg", "--random-weights", "--input-size", 56, "--out", "/proc/nope")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("zdepth: error: cannot create the output folder /proc/nope")

@@ -31,7 +31,8 @@ class Broker:
         self.port = free_port_block(5)
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.stream = f"tcp://127.0.0.1:{self.port + P.STREAM_PORT_OFFSET}"
-        self.process = Process(["broker", "--port", str(self.port), "--log-level", "ERROR", *flags], tmp / f"broker-{self.port}.log")
+        # --no-worker-grace 0: without workers, requests stay queued (holding their bytes) until their deadline
+        self.process = Process(["broker", "--port", str(self.port), "--log-level", "ERROR", "--no-worker-grace", "0", *flags], tmp / f"broker-{self.port}.log")
         deadline = time.monotonic() + 30
         while health(self.endpoint, timeout_s=0.5) is None:
             if self.process.proc.poll() is not None or time.monotonic() > deadline:
@@ -213,30 +214,31 @@ def test_worker_checks_decoded_pixels(server):
     assert ok["ok"], "the worker keeps serving"
 
 
-def _disconnected(sub: zmq.Socket, timeout_s: float) -> bool:
-    """Whether the broker drops `sub`'s connection within `timeout_s` (watched by a socket monitor)."""
+def _subscription_dropped(endpoint: str, topic: bytes, timeout_s: float) -> bool:
+    """Whether the broker drops a SUB connection that subscribes to `topic` within `timeout_s`.
+
+    The socket monitor is attached before the connection is made, so the disconnect cannot
+    happen before anyone watches (it did when the monitor came after the subscription)."""
     from zmq.utils.monitor import recv_monitor_message
 
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
     monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
+        sub.setsockopt(zmq.SUBSCRIBE, topic)  # sent as soon as the connection is up
+        sub.connect(endpoint)
         return bool(monitor.poll(int(timeout_s * 1000))) and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
     finally:
         sub.disable_monitor()
         monitor.close()
+        sub.close()
 
 
 @pytest.mark.parametrize("topic_bytes,dropped", [(64, False), (4096, True)])
 def test_pub_socket_cuts_off_oversize_subscriptions(byte_broker, topic_bytes, dropped):
     """MAXMSGSIZE on PUB: a subscriber sends only subscriptions, never more than a stream name."""
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    try:
-        sub.connect(f"tcp://127.0.0.1:{byte_broker.port + P.PUB_PORT_OFFSET}")
-        time.sleep(0.2)
-        sub.setsockopt(zmq.SUBSCRIBE, b"x" * topic_bytes)
-        assert _disconnected(sub, 2.0) == dropped
-    finally:
-        sub.close()
+    endpoint = f"tcp://127.0.0.1:{byte_broker.port + P.PUB_PORT_OFFSET}"
+    assert _subscription_dropped(endpoint, b"x" * topic_bytes, 2.0) == dropped
 
 
 # --- request rates ----------------------------------------------------------------------
@@ -295,7 +297,7 @@ def test_rate_limiter_forgets_full_buckets():
 
 def test_idle_streams_give_their_place():
     slots = StreamSlots(max_streams=2, idle_s=60.0)
-    assert slots.admit("a", now=0.0) and slots.admit("b", now=0.0)
-    assert slots.admit("c", now=30.0) is None, "the table is full of active streams"
+    assert slots.admit("a", now=0.0)[0] and slots.admit("b", now=0.0)[0]
+    assert slots.admit("c", now=30.0)[0] is None, "the table is full of active streams"
     slots.put("b", object(), now=0.0)  # b has a frame waiting: never evicted
-    assert slots.admit("c", now=61.0) is not None and "a" not in slots.stats and "b" in slots.stats
+    assert slots.admit("c", now=61.0)[0] is not None and "a" not in slots.stats and "b" in slots.stats

@@ -57,6 +57,17 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def zdepth(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zdepth", *args], capture_output=True, text=True, timeout=timeout)
 
@@ -181,13 +192,15 @@ def test_configuration_error_stops_serve(tmp_path):
 def test_health_tells_live_from_ready_and_exit_codes(tmp_path, checkpoint_dir):
     empty = tmp_path / "no-checkpoints"
     empty.mkdir()
-    unready = Server(tmp_path, empty, workers=1)
+    probes = free_port_block(1)
+    unready = Server(tmp_path, empty, workers=1, extra=["--metrics-port", str(probes)])
     ready = Server(tmp_path, checkpoint_dir, workers=1)
     try:
         state = wait_for(lambda: (h := unready.health())["workers"][0]["problem"] and h, 60, "the warm-up to fail")
         assert state["status"] == "not_ready" and state["live"] is True and state["ready"] is False
         assert "checkpoint" in state["workers"][0]["problem"] or "model_unavailable" in state["workers"][0]["problem"]
         assert zdepth("health", "--server", unready.endpoint).returncode == 1
+        assert http_status(f"http://127.0.0.1:{probes}/healthz") == 200 and http_status(f"http://127.0.0.1:{probes}/readyz") == 503
 
         state = wait_for(lambda: (h := ready.health())["status"] == "healthy" and h, 60, "the worker ready")
         assert state["ready"] is True and state["workers"][0]["ready"] is True
@@ -256,8 +269,11 @@ def test_stream_names_are_matched_whole():
 
 def test_ipv6_everywhere(tmp_path, checkpoint_dir):
     """Before: `--host ::1` crashed (no brackets) and no socket set zmq.IPV6."""
-    server = Server(tmp_path, checkpoint_dir, workers=1, host="::1")
+    probes = free_port_block(1)
+    server = Server(tmp_path, checkpoint_dir, workers=1, host="::1", extra=["--metrics-port", str(probes)])
     try:
+        wait_for(lambda: http_status(f"http://[::1]:{probes}/readyz") == 200, 60, "/readyz over IPv6")
+        assert http_status(f"http://[::1]:{probes}/healthz") == 200 and http_status(f"http://[::1]:{probes}/metrics") == 200
         with DepthClient(f"tcp://[::1]:{server.port}", timeout=30) as client:
             assert client.metric_depth(IMAGE, input_size=56).depth.shape == (240, 320)
         from clients import CameraPublisher

@@ -220,6 +220,7 @@ def run_worker(args: argparse.Namespace) -> int:
         compile=options.compile,
         max_graphs=options.max_graphs,
         max_batch=options.max_batch,
+        compile_in_background=True,  # a new shape's requests run eagerly while its graph builds
     )
     warmup_sizes = parse_image_sizes(options.warmup_shapes) if options.warmup_shapes else []
     for encoder, dataset in options.preloaded():

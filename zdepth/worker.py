@@ -162,7 +162,8 @@ class Worker:
     def _state(self) -> dict:
         """What READY and each heartbeat tell the broker (broker/workers.py `worker_state`)."""
         return {"models": self.engine.models_loaded(), "served": self.served, "ready": self.ready,
-                "warming": getattr(self.engine, "warming", False) is True, "problem": self.problem}
+                "warming": getattr(self.engine, "warming", False) is True, "problem": self.problem,
+                "graphs": self.engine.graphs_built()}
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid and not self._stop.is_set():
