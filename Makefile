@@ -20,9 +20,9 @@ PACKAGING := setup.cfg pyproject.toml
 # The CUDA build where an NVIDIA GPU is visible (nvidia-smi runs and lists one), else the CPU build.
 TORCH_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 ifeq ($(TORCH_BUILD),cuda)
-TORCH_INSTALL := torch==$(TORCH_VERSION)
+TORCH_INDEX :=
 else
-TORCH_INSTALL := torch==$(TORCH_VERSION) --extra-index-url $(TORCH_CPU_INDEX)
+TORCH_INDEX := --index-url $(TORCH_CPU_INDEX)
 endif
 
 .PHONY: serve test lint ruff
@@ -43,9 +43,11 @@ lint: ruff
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned, so that the extras below never pull another build of it.
+# torch first, pinned, so that the extras below never pull another build of it: the wheel from
+# the build's index (only torch itself is looked up there), then its dependencies from the usual one.
 $(VENV)/.stamp-torch-$(TORCH_BUILD): | $(BIN)/python
-	$(BIN)/python -m pip install -q $(TORCH_INSTALL)
+	$(BIN)/python -m pip install -q --no-deps $(TORCH_INDEX) torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	touch $@
 
 $(VENV)/.stamp-server: $(PACKAGING) $(VENV)/.stamp-torch-$(TORCH_BUILD)
