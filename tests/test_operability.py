@@ -288,3 +288,32 @@ def test_ipv6_everywhere(tmp_path, checkpoint_dir):
             assert result is not None and result.ok and result.stream == "v6"
     finally:
         server.stop()
+
+
+# --- examples ----------------------------------------------------------------------------
+
+
+def test_examples_wait_for_their_results(tmp_path, checkpoint_dir):
+    """Before: camera_loop.py exited about 2 s after the last frame was sent, before a slow
+    server's results came ("0 results for 4 frames")."""
+    import cv2
+
+    server = Server(tmp_path, checkpoint_dir, workers=1)
+    frames, out = tmp_path / "frames", tmp_path / "out"
+    frames.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(frames / f"{i}.jpg"), np.full((120, 160, 3), 40 * i, np.uint8))
+    examples = Path(__file__).resolve().parents[1] / "clients" / "examples"
+    env = dict(os.environ, PYTHONPATH=str(examples.parents[1]))
+    try:
+        loop = subprocess.run([sys.executable, str(examples / "camera_loop.py"), "--server", server.endpoint, "--source", str(frames),
+                               "--fps", "20", "--save", str(out), "--input-size", str(P.DEFAULT_INPUT_SIZE)],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert loop.returncode == 0, loop.stderr
+        assert (out / "cam0_000003.png").exists(), loop.stdout  # the last frame's result: the broker always computes the newest
+        robot = subprocess.run([sys.executable, str(examples / "robot_controller_req.py"), "--server", server.endpoint,
+                                "--image", str(frames / "1.jpg"), "--iterations", "2", "--hz", "50"],
+                               capture_output=True, text=True, timeout=120, env=env)
+        assert robot.returncode == 0 and robot.stdout.count("points, nearest ahead") == 2, robot.stdout + robot.stderr
+    finally:
+        server.stop()
