@@ -113,3 +113,74 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class ReplyBudget:
+    """Reply bytes toward each client identity that ZeroMQ still holds: queued for a client that
+    does not read, or being written. ZeroMQ's send high-water mark counts messages (1000 point
+    clouds of 300 MB each); this counts bytes, so the broker can stop sending to a client that
+    has fallen behind. A reply's bytes are pending until libzmq frees its last frame, which
+    pyzmq reports through a `MessageTracker` (`track=True` on a zero-copy frame)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._pending: dict[bytes, list] = {}  # client identity -> [(tracker, bytes)], oldest first
+
+    def pending(self, client: bytes) -> int:
+        """Bytes of replies to `client` not yet handed to the kernel; forgets the finished ones."""
+        entries = self._pending.get(client)
+        if not entries:
+            return 0
+        entries[:] = [(tracker, size) for tracker, size in entries if not tracker.done]
+        if not entries:
+            del self._pending[client]
+            return 0
+        return sum(size for _, size in entries)
+
+    def check(self, client: bytes) -> None:
+        """Raise `overloaded` while `client` has more unread reply bytes than the limit."""
+        held = self.pending(client)
+        if held > self.limit:
+            raise P.ZDepthError(
+                P.OVERLOADED,
+                f"this client has {_mb(held)} of replies it has not read; the limit is {_mb(self.limit)} (--max-client-reply-mb); read them, then retry",
+            )
+
+    def fits(self, client: bytes, size: int) -> bool:
+        """Whether a reply of `size` bytes may be sent now: always when nothing is pending (so a
+        reply larger than the limit still reaches a client that reads), else within the limit."""
+        held = self.pending(client)
+        return held == 0 or held + size <= self.limit
+
+    def add(self, client: bytes, tracker, size: int) -> None:
+        self._pending.setdefault(client, []).append((tracker, size))
+
+    def prune(self) -> None:
+        """Forget clients whose replies have all gone out (and disconnected ones: libzmq frees
+        what was queued for them)."""
+        for client in list(self._pending):
+            self.pending(client)
+
+    @property
+    def total(self) -> int:
+        return sum(size for entries in self._pending.values() for tracker, size in entries if not tracker.done)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, where allowed; returns
+    the soft limit now in force. Each connection costs the broker a file descriptor: at the
+    common default of 1024, about a thousand idle connections lock every client out (libzmq
+    cannot accept more), where the hard limit (often 524,288) leaves room."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):  # e.g. macOS refuses RLIM_INFINITY: keep what we have
+            pass
+    return soft

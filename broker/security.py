@@ -30,6 +30,7 @@ log = logging.getLogger("zdepth.broker")
 # authenticator treats "*" as the domain of sockets that set none, not as a wildcard, so a
 # socket with a domain and certificates under "*" refuses every client ("Unknown domain").
 ZAP_DOMAIN = "zdepth"
+WORKER_ZAP_DOMAIN = "zdepth-workers"  # the TCP worker socket: only keys in --worker-keys
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,18 @@ class CurveConfig:
     secret_file: str  # the server's NAME.key_secret
     clients_dir: Optional[str] = None  # allowed client public certificates (NAME.key files)
     allow_any: bool = False  # encrypt, but let any client that knows the server key in
+    workers_dir: Optional[str] = None  # allowed worker public certificates: CURVE on the TCP worker socket
 
     def __post_init__(self) -> None:
-        if (self.clients_dir is None) == (not self.allow_any):
-            raise ValueError("CURVE needs exactly one of --curve-clients DIR and --curve-allow-any")
+        if self.clients_dir is not None and self.allow_any:
+            raise ValueError("CURVE takes one of --curve-clients DIR and --curve-allow-any, not both")
+        if not self.secures_clients and self.workers_dir is None:
+            raise ValueError("CURVE needs --curve-clients DIR, --curve-allow-any or --worker-keys DIR")
+
+    @property
+    def secures_clients(self) -> bool:
+        """Whether the client-facing sockets use CURVE (else only the worker socket does)."""
+        return self.clients_dir is not None or self.allow_any
 
 
 class CurveServer:
@@ -51,8 +60,9 @@ class CurveServer:
             raise RuntimeError("this libzmq was built without CURVE support")
         self.config = config
         self.public_key, self.secret_key = load_server_keys(config.secret_file)
-        if config.clients_dir is not None and not Path(config.clients_dir).is_dir():
-            raise ValueError(f"--curve-clients {config.clients_dir}: not a directory")
+        for flag, folder in (("--curve-clients", config.clients_dir), ("--worker-keys", config.workers_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"{flag} {folder}: not a directory")
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("zdepth.broker.zap"))
         self._auth.start()
         self.reload()
@@ -60,18 +70,22 @@ class CurveServer:
     def reload(self) -> None:
         """(Re-)read the allowed client certificates: adding or deleting a NAME.key and sending
         SIGHUP admits or shuts out that client for new connections."""
-        location = zmq.auth.CURVE_ALLOW_ANY if self.config.allow_any else self.config.clients_dir
-        self._auth.configure_curve(domain=ZAP_DOMAIN, location=location)
-        if not self.config.allow_any:
-            count = len(list(Path(self.config.clients_dir).glob("*.key")))
-            log.info("CURVE: %d allowed client certificate(s) in %s", count, self.config.clients_dir)
+        if self.config.secures_clients:
+            location = zmq.auth.CURVE_ALLOW_ANY if self.config.allow_any else self.config.clients_dir
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=location)
+        for kind, domain, folder in (("client", ZAP_DOMAIN, self.config.clients_dir), ("worker", WORKER_ZAP_DOMAIN, self.config.workers_dir)):
+            if folder is not None:
+                if domain == WORKER_ZAP_DOMAIN:
+                    self._auth.configure_curve(domain=domain, location=folder)
+                log.info("CURVE: %d allowed %s certificate(s) in %s", len(list(Path(folder).glob("*.key"))), kind, folder)
 
-    def secure(self, sock: zmq.Socket) -> None:
-        """Make `sock` a CURVE server. Call before bind."""
+    def secure(self, sock: zmq.Socket, domain: str = ZAP_DOMAIN) -> None:
+        """Make `sock` a CURVE server whose peers the ZAP handler checks against `domain`'s
+        certificates. Call before bind."""
         sock.curve_secretkey = self.secret_key
         sock.curve_publickey = self.public_key
         sock.curve_server = True
-        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.zap_domain = domain.encode()
 
     def close(self) -> None:
         self._auth.stop()

@@ -6,9 +6,14 @@ as dropped. When a worker frees up it gets the slot that has waited longest (the
 slot first filled, kept across replacements, so a fast camera cannot jump ahead of a slow
 one and none starves).
 
-The stream table is bounded (`max_streams`). When it is full, a stream silent for
-`idle_s` with no frame waiting gives its place to the new one, so cameras that came and went
-(or junk stream names sent once) cannot lock real cameras out for good.
+The stream table is bounded (`max_streams`) and shared fairly among sources (a key name with
+auth, else the sender's address). When it is full, a new name takes the place of the least
+recently fed name of the source holding the most names (its waiting frame, if any, is
+dropped), if that source holds at least two more names than the newcomer's: a source's quota
+is its fair share of the table. So one source refreshing 63 names cannot keep a camera from
+elsewhere out: that camera gets a slot at its first frame. Otherwise the new name takes the
+place of the least recently fed stream silent for `idle_s` (5 s in the broker) with no frame
+waiting, and is refused only while every stream was fed within `idle_s` (docs/limits.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class StreamStats:
     last_latency_ms: Optional[float] = None
     last_seq: Optional[int] = None
     last_seen: float = 0.0  # monotonic
+    source: str = ""  # who feeds it: "key NAME" or "address A"
 
     def as_dict(self) -> dict:
         return {
@@ -58,23 +64,40 @@ class StreamSlots:
         self.totals: collections.Counter = collections.Counter()  # over all streams ever, for metrics
         self._pending: dict[str, Pending] = {}
 
-    def admit(self, name: str, now: float) -> Optional[StreamStats]:
-        """Stats for a stream, creating it if there is room; None when the stream table is full
-        of streams that are still active."""
+    def admit(self, name: str, now: float, source: str = "") -> tuple[Optional[StreamStats], Optional[Any]]:
+        """(stats, evicted frame) for a stream fed by `source`, making room if the table is full
+        (see the module docstring). The stats are None when there is no room; the evicted frame,
+        if any, was waiting in the slot of the stream that gave its place: the caller releases it."""
         stats = self.stats.get(name)
+        evicted = None
         if stats is None:
-            if len(self.stats) >= self.max_streams and not self._evict_idle(now):
-                return None
-            stats = self.stats[name] = StreamStats()
+            if len(self.stats) >= self.max_streams:
+                victim = self._fair_share_victim(source) or self._idle_victim(now)
+                if victim is None:
+                    return None, None
+                del self.stats[victim]
+                pending = self._pending.pop(victim, None)
+                if pending is not None:
+                    evicted = pending.job
+                    self.totals["dropped"] += 1
+            stats = self.stats[name] = StreamStats(source=source)
         stats.last_seen = now
-        return stats
+        return stats, evicted
 
-    def _evict_idle(self, now: float) -> bool:
+    def _fair_share_victim(self, source: str) -> Optional[str]:
+        """The least recently fed name of the source holding the most names, if that source holds
+        at least two more than `source` (so giving one up makes the table fairer)."""
+        names: dict[str, list] = collections.defaultdict(list)
+        for name, st in self.stats.items():
+            names[st.source].append(name)
+        largest = max(names, key=lambda s: len(names[s]))
+        if len(names[largest]) < len(names.get(source, ())) + 2:
+            return None
+        return min(names[largest], key=lambda n: self.stats[n].last_seen)
+
+    def _idle_victim(self, now: float) -> Optional[str]:
         idle = [n for n, st in self.stats.items() if n not in self._pending and now - st.last_seen >= self.idle_s]
-        if not idle:
-            return False
-        del self.stats[min(idle, key=lambda n: self.stats[n].last_seen)]
-        return True
+        return min(idle, key=lambda n: self.stats[n].last_seen) if idle else None
 
     def put(self, name: str, job: Any, now: float) -> Optional[Any]:
         """Store the newest frame; returns the frame it replaced (now dropped), if any."""

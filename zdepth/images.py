@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from . import protocol as P
 from .protocol import ZDepthError, bad_request
 from .request import ImageSpec
+from .resize import DEFAULT_MAX_JPEG_SCANS
 
 # Formats whose bytes we hand to OpenCV, by the name PIL gives them. Others (GIF, TIFF, ...)
 # are refused: they are not in the protocol, and every extra codec is extra attack surface.
@@ -51,9 +52,46 @@ def _jpeg_truncated(data: bytes) -> bool:
     return scan < 0 or data.find(b"\xff\xd9", scan) < 0
 
 
-def decode_bytes(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """Start-of-scan (SOS) markers in a JPEG, counted by walking its segments, up to `stop_after`.
+
+    A progressive JPEG decodes in one pass over the image per scan: 741 KB with 20,000 scans took
+    21 s to decode where a normal frame takes 0.16 s (libjpeg encoders write at most about 10).
+    Segment payloads (EXIF thumbnails) are skipped; inside entropy-coded data 0xFF is always
+    followed by 0x00 or a restart marker, so the next other marker ends the scan."""
+    scans, i, end = 0, 2, len(data)
+    while i + 4 <= end and scans < stop_after:
+        if data[i] != 0xFF:
+            return scans  # not a marker where one must be: let the decoder report it
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return scans
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while True:  # the entropy-coded data: up to the next marker that is not a stuffed 0xFF or a restart
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= end:
+                return scans
+            following = data[i + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                i += 2
+                continue
+            break
+    return scans
+
+
+def decode_bytes(data: bytes | memoryview, max_pixels: int, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> np.ndarray:
     """JPEG or PNG bytes -> BGR uint8 (H, W, 3), refusing images over `max_pixels` before decoding.
 
+    A JPEG with more than `max_scans` scans is `too_large` before decoding (see `jpeg_scans`).
     Refused as corrupt: bytes whose header cannot be read, truncated JPEGs, and anything OpenCV
     fails on. Damage inside a JPEG's entropy-coded data that libjpeg only warns about decodes
     to a damaged picture, as it does with `cv2.imread` in the official pipeline.
@@ -64,13 +102,15 @@ def decode_bytes(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
     fmt, width, height = image_header(data)
     if width * height > max_pixels:
         raise ZDepthError(P.TOO_LARGE, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if fmt == "jpeg" and jpeg_scans(data, max_scans + 1) > max_scans:
+        raise ZDepthError(P.TOO_LARGE, f"the JPEG has more than {max_scans} scans (progressive passes); the limit is {max_scans} (--max-jpeg-scans)")
     image = None if fmt == "jpeg" and _jpeg_truncated(data) else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise bad_request(f"the {width}x{height} {fmt} image could not be decoded (corrupt or truncated bytes)")
     return image
 
 
-def decode_image(spec: ImageSpec, frames: Sequence, max_pixels: int) -> np.ndarray:
+def decode_image(spec: ImageSpec, frames: Sequence, max_pixels: int, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> np.ndarray:
     """The image a validated request points at (see `request.check_image`) as BGR uint8 (H, W, 3).
 
     A raw BGR frame comes back as a read-only zero-copy view of the frame; a raw RGB frame is
@@ -80,7 +120,7 @@ def decode_image(spec: ImageSpec, frames: Sequence, max_pixels: int) -> np.ndarr
         raise ValueError("decode_image takes frame images; fetch image_url first and call decode_bytes")
     data = P.frame_buffer(frames[spec.frame])
     if spec.format != "raw":
-        return decode_bytes(data, max_pixels)
+        return decode_bytes(data, max_pixels, max_scans)
     image = np.frombuffer(data, dtype=np.uint8).reshape(spec.shape)
     if spec.channels == "rgb":
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
