@@ -56,11 +56,14 @@ def cmd_record(args: argparse.Namespace) -> int:
     frame_id = args.frame_id or f"{ros_name(args.stream)}_optical_frame"
     prefix = (args.topic_prefix or f"/zdepth/{ros_name(args.stream)}").rstrip("/")
     encodings = ros.DEPTH_ENCODINGS if args.depth_encoding == "both" else (args.depth_encoding,)
-    written = errors = dropped = 0
-    last_error = None
+    written = errors = dropped = missed = 0
+    last_error, last_seq = None, None
     with DepthSubscriber(args.pub, [args.stream]) as subscriber, ros.McapWriter(args.mcap) as writer:
         for result in bounded_results(subscriber, args.frames, args.seconds):
             dropped += result.dropped
+            if last_seq is not None and result.seq is not None:  # lost at the camera, or here when the SUB queue was full
+                missed += max(0, result.seq - last_seq - 1 - result.dropped)
+            last_seq = result.seq
             if not result.ok or result.depth is None:
                 errors += 1
                 last_error = result.error or "a result without depth (is it a metric_depth stream?)"
@@ -75,6 +78,6 @@ def cmd_record(args: argparse.Namespace) -> int:
                 writer.write(f"{prefix}/{TOPICS['points']}", ros.pointcloud2(depth, intrinsics, stamp, frame_id, result.colors), log_time)
             written += 1
     print(f"zdepth: recorded {written} frames ({writer.messages} messages) of {args.stream} to {args.mcap}; "
-          f"{errors} errors or depth-less results, {dropped} frames dropped by the broker"
+          f"{errors} errors or depth-less results, {dropped} frames dropped by the broker, {missed} other seq gaps (camera-side drops, or results this recorder was too slow for)"
           + (f"; last error: {last_error}" if last_error else ""), file=sys.stderr)
     return 0
