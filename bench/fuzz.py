@@ -541,7 +541,7 @@ def main(argv: Optional[list] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="zdepth-fuzz-") as tmp:
             port = free_port_block(5)
             argv_serve = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
-                          "--random-weights", "--log-level", "ERROR"]
+                          "--random-weights", "--log-level", "ERROR", "--backend-host", "127.0.0.1"]  # a TCP worker port for the fake worker
             with Child(f"zdepth-serve-{port}", argv_serve, Path(tmp)) as server:
                 endpoint = f"tcp://127.0.0.1:{port}"
                 server.wait_until(lambda: bool((Fuzzer(endpoint).health() or {}).get("workers")), 120, "serving")
