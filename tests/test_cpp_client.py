@@ -216,8 +216,8 @@ def test_timeout_then_success_on_a_new_socket(cpp, files, server, socket):
     assert same_bits(np.load(out), np.asarray(expected)), "the answer is the real server's"
 
 
-def subscribe_while_sending(cpp: Path, camera: CameraPublisher, *args) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `stream_subscriber ARGS`, run while `camera` sends IMAGE
+def subscribe_while_sending(cpp: Path, camera: CameraPublisher, *args, frame=IMAGE) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `stream_subscriber ARGS`, run while `camera` sends `frame`
     every 0.2 s until the subscriber exits (60 s at most)."""
     argv = [str(a) for a in [cpp / "stream_subscriber", "--timeout", 60, *args]]
     subscriber = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -225,7 +225,7 @@ def subscribe_while_sending(cpp: Path, camera: CameraPublisher, *args) -> tuple[
         with camera:
             deadline = time.monotonic() + 60
             while subscriber.poll() is None and time.monotonic() < deadline:
-                camera.send(IMAGE)
+                camera.send(frame)
                 time.sleep(0.2)
         out, err = subscriber.communicate(timeout=10)
     finally:
@@ -245,6 +245,14 @@ def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
     seqs = [int(line.split("seq=")[1].split()[0]) for line in lines]
     assert seqs == sorted(seqs) and len(set(seqs)) == count
     assert all(f"stream={stream} " in line and "latency_ms=" in line and "shape=[48, 64]" in line for line in lines)
+
+
+def test_subscriber_reports_error_results_with_their_code(cpp, server):
+    """A frame the worker cannot decode is published as an error: printed with its code, exit 1."""
+    camera = CameraPublisher(server.stream, stream="cpp-broken-cam", key=KEY, input_size=TEST_INPUT_SIZE)
+    returncode, out, err = subscribe_while_sending(cpp, camera, "--server", server.endpoint, "--stream", "cpp-broken-cam", "--count", 1,
+                                                   frame=b"\xff\xd8\xff" + bytes(64))  # a JPEG signature, then nothing
+    assert returncode == 1 and out == "" and "stream=cpp-broken-cam" in err and "error bad_request" in err, (returncode, err)
 
 
 def test_protocol_doc_example_is_the_compiled_program(cpp, files, server):
