@@ -13,7 +13,8 @@ What changed for callers migrating from the HTTP API:
 - Results hold numpy arrays (`pointcloud`, `depth_map`) instead of base64 strings and PNG
   data URLs; `decode_pointcloud` still accepts the old base64 strings.
 
-Each function is a thin wrapper over `DepthClient`. One client per (endpoint, key, CURVE
+Each function is a thin wrapper over `DepthClient`, so `timeout` (seconds) is the call's whole
+budget, retries included, as there. One client per (endpoint, key, CURVE
 keys) is cached and reused, so calling these in a loop does not reconnect. `server_key` and
 `client_keys` turn on CURVE encryption (see `clients.security`); a profile's own
 `server_key_file` / `client_key_file` are used when they are not given.

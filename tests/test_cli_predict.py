@@ -134,3 +134,21 @@ def test_predict_bad_out_is_one_line(images):
     run = zdepth("predict", images / "scene.jpg", "--random-weights", "--input-size", 56, "--out", "/proc/nope")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("zdepth: error: cannot create the output folder /proc/nope")
+
+
+def test_keys_list_defaults_its_file_as_the_readme_shows(tmp_path):
+    """Before: `zdepth keys list` as the README shows it failed: it needed --file."""
+    added = zdepth("keys", "add", "robot", cwd=tmp_path)
+    assert added.returncode == 0 and (tmp_path / "keys.txt").exists(), added.stderr
+    listed = zdepth("keys", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.split() == ["robot"]
+
+
+def test_weights_offline_error_says_what_to_do_and_list_shows_every_size(tmp_path):
+    """Before: offline, `weights get` printed a bare network error; `weights list` showed `?` for sizes the README knows."""
+    run = zdepth("weights", "get", "vits", "--dataset", "hypersim", "--checkpoint-dir", tmp_path, "--url", "http://127.0.0.1:9/x.pth")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "copy it into the checkpoint folder" in run.stderr and "--url" in run.stderr
+    listing = zdepth("weights", "list", "--checkpoint-dir", tmp_path)
+    rows = listing.stdout.splitlines()[1:]
+    assert len(rows) == 10 and all(" MB " in row or " GB " in row for row in rows) and " ? " not in listing.stdout

@@ -60,7 +60,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--intrinsics", type=Path, default=HERE / "camera.yaml")
     parser.add_argument("--key", default=None, help="API key (a profile may supply it)")
     parser.add_argument("--max-depth", type=float, default=None, help="metres; default: the model's range")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per call, retries included (default: the profile's, else the client's)")
     parser.add_argument("--out", type=Path, default=Path("zdepth-out"))
     args = parser.parse_args(argv)
 
