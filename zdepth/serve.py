@@ -6,8 +6,9 @@ CUDA and ZeroMQ contexts must not cross a fork) and restarted when it dies. The 
 broker and worker also run as separate commands on separate machines.
 
 Ports: `--port P` is the request/reply frontend; P+1 the camera ingress, P+2 the results
-PUB socket, P+3 the worker backend (on `--backend-host`, loopback by default), P+4 the
-optional imagezmq ingress. The broker process never imports torch.
+PUB socket, P+3 the TCP worker backend (serve: only with `--backend-host`, its own workers
+use ipc; broker: loopback by default; CURVE with `--worker-keys`), P+4 the optional imagezmq
+ingress. The broker process never imports torch.
 """
 
 from __future__ import annotations
