@@ -633,10 +633,12 @@ struct Client::Impl {
         const int tries = config.retries + 1;
         const std::uint64_t id = next_id++;
         std::optional<ServerError> last_error;
+        int sent = 0;
         for (int attempt = 0; attempt < tries; ++attempt) {
             const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()) / (tries - attempt);
             if (wait.count() <= 0) break;
             const auto server_wait = wait - std::min<std::chrono::milliseconds>(kServerMargin, wait / 5);
+            ++sent;
             if (!send(method, id, std::max<std::int64_t>(1, server_wait.count()), fields, image)) {
                 reconnect();
                 continue;
@@ -661,7 +663,7 @@ struct Client::Impl {
         if (last_error) throw *last_error;
         const std::string hint = config.curve ? " (CURVE is on: a wrong server key or a client key the server does not allow also looks like this)" : "";
         throw Timeout("no reply from " + config.endpoint + " to " + method + " within " + std::to_string(config.timeout.count()) +
-                      " ms (" + std::to_string(tries) + " tries)" + hint);
+                      " ms (" + std::to_string(sent) + (sent == 1 ? " try)" : " tries)") + hint);
     }
 
     bool send(const std::string& method, std::uint64_t id, std::int64_t timeout_ms, const std::vector<Field>& fields, const Image* image) {

@@ -82,6 +82,7 @@ struct Image {
     // for anything else).
     static Image encoded(const std::uint8_t* data, std::size_t size);
     static Image encoded(const std::vector<std::uint8_t>& bytes) { return encoded(bytes.data(), bytes.size()); }
+    static Image encoded(std::vector<std::uint8_t>&&) = delete;  // would point into a temporary
     // Raw pixels: uint8, [height, width, 3], C order, no padding (height * width * 3 bytes).
     static Image raw(const std::uint8_t* pixels, int height, int width, Channels channels = Channels::bgr);
     // An http(s) URL the worker fetches (only when the operator allows the host).
