@@ -78,6 +78,7 @@ class CameraPublisher:
     `server_key` / `client_keys` turn on CURVE encryption, as for `DepthClient`.
     `camera_info` (instead of `intrinsics`): a ROS CameraInfo-shaped map {k, width, height, d,
     distortion_model} or a zdepth.camera.CameraInfo; the worker scales K to each frame's size.
+    `with_color`: pointcloud streams also publish each pixel's RGB (`StreamResult.colors`).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class CameraPublisher:
         depth_scale: Optional[float] = None,
         compression: Optional[str] = None,
         camera_info: Any = None,
+        with_color: bool = False,
         channels: str = "bgr",
         server_key: Optional[KeyInput] = None,
         client_keys: Optional[ClientKeysInput] = None,
@@ -121,6 +123,7 @@ class CameraPublisher:
             "key": key,
             "intrinsics": intrinsics_dict(intrinsics) if intrinsics is not None else None,
             "camera_info": camera_info_field(camera_info),
+            "with_color": True if with_color else None,
             "max_depth": max_depth,
             "encoder": encoder,
             "dataset": dataset,

@@ -9,7 +9,8 @@ Per stream S, entities (timelines `frame` = the result's seq, `capture` = its t_
     world/S/cam/image     rr.Image, the camera's RGB, only when the result carries `colors`
                           (the PUB socket does not carry the camera frame itself)
     world/S/points        rr.Points3D of the valid pixels, coloured by the camera's RGB when
-                          present, else by depth (Turbo, near is red) (with a camera)
+                          present, else by depth (Turbo, near is red) (with a camera; a
+                          pointcloud stream's own points, without the camera and depth)
     metrics/S/latency_ms  capture -> result done (broker clock), ms
     metrics/S/age_ms      capture -> arrival here, ms
     metrics/S/dropped     frames the broker dropped for S so far (cumulative)
@@ -73,10 +74,19 @@ def log_frame(rec: Any, entity: str, depth: np.ndarray, intrinsics: Optional[Int
         return
     k = [[intrinsics.fx, 0.0, intrinsics.cx], [0.0, intrinsics.fy, intrinsics.cy], [0.0, 0.0, 1.0]]
     rec.log(f"{entity}/cam", rr.Pinhole(image_from_camera=k, resolution=[width, height]))
-    valid = (np.isfinite(depth) & (depth > 0)).reshape(-1)
-    colors = rgb if rgb is not None else colorize(depth, invert=True)
-    points = unproject(depth, intrinsics)
-    rec.log(f"{entity}/points", rr.Points3D(points[valid], colors=colors.reshape(-1, 3)[valid]))
+    log_points(rec, entity, unproject(depth, intrinsics), rgb if rgb is not None else colorize(depth, invert=True))
+
+
+def log_points(rec: Any, entity: str, points: np.ndarray, colors: Optional[np.ndarray] = None) -> None:
+    """Log float (N, 3) points (those with a finite z > 0) as `entity`/points, coloured by uint8
+    RGB (N, 3) or (H, W, 3) when given, else by depth (Turbo, near is red)."""
+    import rerun as rr
+
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    if colors is None:
+        colors = colorize(points[None, :, 2], invert=True)
+    valid = np.isfinite(points).all(axis=1) & (points[:, 2] > 0)
+    rec.log(f"{entity}/points", rr.Points3D(points[valid], colors=np.asarray(colors).reshape(-1, 3)[valid]))
 
 
 def cmd_view(args: argparse.Namespace) -> int:
@@ -101,6 +111,9 @@ def cmd_view(args: argparse.Namespace) -> int:
                 rec.log(f"metrics/{name}/latency_ms", rr.Scalars(result.latency_ms))
             if result.age_ms is not None:
                 rec.log(f"metrics/{name}/age_ms", rr.Scalars(result.age_ms))
+            if result.ok and result.depth is None and result.points is not None:  # a pointcloud stream
+                log_points(rec, f"world/{name}", result.points, result.colors)
+                shown += 1
             if not result.ok or result.depth is None:
                 continue
             height, width = result.depth.shape
@@ -109,5 +122,5 @@ def cmd_view(args: argparse.Namespace) -> int:
             shown += 1
     rec.flush()
     rec.disconnect()
-    print(f"zdepth: logged {shown} depth frames from {', '.join(args.stream)}" + (f" to {args.save}" if args.save else ""), file=sys.stderr)
+    print(f"zdepth: logged {shown} frames from {', '.join(args.stream)}" + (f" to {args.save}" if args.save else ""), file=sys.stderr)
     return 0
