@@ -157,6 +157,7 @@ def test_no_server_exits_2_within_the_timeout(cpp, files):
     run = depth_request(cpp, endpoint, files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--timeout", "1.5", timeout=1.5)
     elapsed = time.monotonic() - start
     assert run.returncode == 2 and "timeout" in run.stderr, (run.returncode, run.stderr)
+    assert "(1 try)" in run.stderr, "without --try-timeout one try waits for the whole budget"
     assert 1.4 <= elapsed < 2.5, f"{elapsed:.2f} s for a 1.5 s timeout"
 
 
@@ -203,7 +204,7 @@ def test_timeout_then_success_on_a_new_socket(cpp, files, server, socket):
     out = files["out"] / f"retry-{socket}.npy"
     try:
         run = depth_request(cpp, stub.endpoint, files["png"], out, "--method", "metric_depth", "--key", KEY, "--socket", socket,
-                            "--output-dtype", "float32", "--compression", "none", "--timeout", "5", "--retries", "1")
+                            "--output-dtype", "float32", "--compression", "none", "--timeout", "10", "--try-timeout", "2")
     finally:
         stub.close()
     assert run.returncode == 0, run.stderr

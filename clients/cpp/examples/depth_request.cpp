@@ -26,9 +26,11 @@ const char kUsageText[] =
     "  [--key K] [--fx F --fy F --cx C --cy C] [--input-size N] [--encoder E] [--dataset D] [--max-depth M]\n"
     "  [--camera-k K0,...,K8 --camera-size WxH [--camera-d D0,... --distortion-model NAME]] (CameraInfo, not --fx...)\n"
     "  [--output-dtype float32|float16|uint16] [--depth-scale S] [--compression none|zstd]\n"
-    "  [--colors-out FILE.npy] [--channels bgr|rgb] [--timeout SECONDS] [--retries N] [--socket dealer|req]\n"
+    "  [--colors-out FILE.npy] [--channels bgr|rgb] [--timeout SECONDS] [--try-timeout SECONDS] [--retries N]\n"
+    "  [--socket dealer|req]\n"
     "  [--server-key KEY|FILE [--client-cert NAME.key_secret]] [--repeat N]\n"
     "--image: JPEG, PNG, or a .npy uint8 [H, W, 3] sent raw. The result is written as float32 metres.\n"
+    "--try-timeout: resend on a fresh socket after this long without a reply (Lazy Pirate), within --timeout.\n"
     "--repeat N: N requests, one line each: round_trip_ms and the worker's timing (for benchmarks).\n"
     "exit: 0 ok, 1 server error (code on stderr; the server's own `timeout` answer too), 2 no reply within --timeout,\n"
     "3 bad arguments\n";
@@ -139,7 +141,7 @@ int main(int argc, char** argv) {
     try {
         const examples::Args args(argc, argv, {"server", "image", "method", "key", "fx", "fy", "cx", "cy", "input-size", "out",
                                                "encoder", "dataset", "max-depth", "output-dtype", "depth-scale", "compression",
-                                               "colors-out", "channels", "timeout", "retries", "socket", "server-key",
+                                               "colors-out", "channels", "timeout", "try-timeout", "retries", "socket", "server-key",
                                                "client-cert", "repeat", "camera-k", "camera-size", "camera-d",
                                                "distortion-model"});
         const std::string method = args.required("method");
@@ -153,6 +155,7 @@ int main(int argc, char** argv) {
         config.endpoint = args.required("server");
         config.key = args.get("key").value_or("");
         config.timeout = std::chrono::milliseconds(static_cast<long long>(args.number("timeout").value_or(30.0) * 1000));
+        if (auto seconds = args.number("try-timeout")) config.try_timeout = std::chrono::milliseconds(static_cast<long long>(*seconds * 1000));
         config.retries = args.integer("retries").value_or(2);
         const std::string socket = args.get("socket").value_or("dealer");
         if (socket != "dealer" && socket != "req") throw std::invalid_argument("--socket must be dealer or req");

@@ -605,6 +605,7 @@ struct Client::Impl {
     explicit Impl(ClientConfig c) : config(std::move(c)) {
         if (config.timeout.count() <= 0) throw std::invalid_argument("timeout must be > 0");
         if (config.retries < 0) throw std::invalid_argument("retries must be >= 0");
+        if (config.try_timeout && config.try_timeout->count() <= 0) throw std::invalid_argument("try_timeout must be > 0");
         connect();
     }
 
@@ -620,7 +621,7 @@ struct Client::Impl {
         socket->connect(config.endpoint);
     }
 
-    // Lazy Pirate: the peer may be gone, or a REQ socket is stuck waiting; a fresh socket resends.
+    // After silence the peer may be gone, and a REQ socket is stuck waiting: start afresh.
     void reconnect() {
         socket->close();
         socket.reset();
@@ -635,7 +636,8 @@ struct Client::Impl {
         std::optional<ServerError> last_error;
         int sent = 0;
         for (int attempt = 0; attempt < tries; ++attempt) {
-            const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()) / (tries - attempt);
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+            const auto wait = config.try_timeout ? std::min(*config.try_timeout, left) : left;
             if (wait.count() <= 0) break;
             const auto server_wait = wait - std::min<std::chrono::milliseconds>(kServerMargin, wait / 5);
             ++sent;
@@ -646,13 +648,14 @@ struct Client::Impl {
             std::optional<Received> reply = receive(id, Clock::now() + wait);
             if (!reply) {
                 reconnect();
-                continue;
+                if (config.try_timeout) continue;  // Lazy Pirate: resend on the fresh socket
+                break;
             }
             try {
                 check_ok(reply->header.get());
                 return std::move(*reply);
             } catch (const ServerError& error) {
-                // The server's `timeout` means this try's share of the budget is spent: not resent.
+                // The server's `timeout` means the time for this try is spent: not resent.
                 if (!error.retryable() || error.code() == "timeout") throw;
                 last_error = error;
             }

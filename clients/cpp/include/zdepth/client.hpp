@@ -201,14 +201,19 @@ enum class SocketKind {
 struct ClientConfig {
     std::string endpoint = "tcp://127.0.0.1:5555";
     std::string key;  // API key; empty: none sent
-    // The whole call, retries included. Each try waits for the time left divided by the tries
-    // left and tells the server a slightly shorter deadline (timeout_ms).
+    // The whole call's budget, resends included. Each try tells the server a deadline
+    // (timeout_ms) slightly shorter than the client will wait, so its `timeout` answer arrives.
     std::chrono::milliseconds timeout{30000};
-    // Resends after no reply (Lazy Pirate: the socket is closed and a fresh one resends the
-    // same request with the same id) or an early retryable error (overloaded, worker_lost,
-    // shutting_down; after 50 ms, doubling, <= 1 s). The server's `timeout` answer is not
-    // resent: the try's share of the budget is spent. A compute slower than timeout / (retries
-    // + 1) needs retries = 0 (one try with the whole budget) or a longer timeout.
+    // Unset (the default; docs/protocol.md, Reliability): a try waits for all the time left, so
+    // a slow result is waited for; a silent server ends the call with Timeout. Set: a try
+    // waits at most this long (Lazy Pirate), then a fresh socket resends the same request with
+    // the same id while `timeout` and `retries` last: it recovers a request lost on the way
+    // (a broker restart, a dropped connection) within the call, but gives up on results slower
+    // than try_timeout. Either way a socket that saw no reply is replaced by a fresh one.
+    std::optional<std::chrono::milliseconds> try_timeout;
+    // Resends after an early retryable error (overloaded, worker_lost, shutting_down; after
+    // 50 ms, doubling, <= 1 s) and, with try_timeout, after silence. Never after the server's
+    // `timeout` answer: the time for that try is spent.
     int retries = 2;
     SocketKind socket = SocketKind::dealer;
     std::optional<CurveKeys> curve;
