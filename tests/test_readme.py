@@ -133,7 +133,7 @@ def test_the_readme_has_runnable_blocks():
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_readme_block_runs(block, server, workdir, background):
     if block.marker == "not-run":
-        pytest.skip(f"not-run: {block.why}")
+        pytest.skip(f"{block.id} not-run: {block.why}")
     code = substitute(block.code, server)
     if block.marker == "background":
         process = subprocess.Popen(command(block, code), cwd=workdir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -318,7 +318,6 @@ class Supervisor:
                     continue
                 if process.returncode == CONFIG_ERROR_STATUS:
                     self.fatal = f"worker {i} exited with status {CONFIG_ERROR_STATUS}, a configuration error (its message is above); stopping"
-                    log.error(self.fatal)
                     if self.on_fatal is not None:
                         self.on_fatal()
                     return
