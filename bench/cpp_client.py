@@ -61,24 +61,53 @@ def build(folder: Path) -> dict:
     if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")):
         raise BuildUnavailable("no C++ compiler (c++, g++ or clang++) is installed")
     start = time.perf_counter()
-    configure = subprocess.run([cmake, "-S", str(SOURCE), "-B", str(folder), "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True)
+    configure = subprocess.run(
+        [cmake, "-S", str(SOURCE), "-B", str(folder), "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True
+    )
     configure_s = time.perf_counter() - start
     if configure.returncode != 0:
-        raise BuildUnavailable(f"cmake could not configure clients/cpp (packages missing?):\n{_tail(configure.stdout + configure.stderr)}")
+        raise BuildUnavailable(
+            f"cmake could not configure clients/cpp (packages missing?):\n{_tail(configure.stdout + configure.stderr)}"
+        )
     start = time.perf_counter()
-    compiled = subprocess.run([cmake, "--build", str(folder), "-j", str(os.cpu_count() or 1)], capture_output=True, text=True)
+    compiled = subprocess.run(
+        [cmake, "--build", str(folder), "-j", str(os.cpu_count() or 1)], capture_output=True, text=True
+    )
     build_s = time.perf_counter() - start
     if compiled.returncode != 0:
         raise RuntimeError(f"clients/cpp does not compile:\n{_tail(compiled.stdout + compiled.stderr, 60)}")
     return {"bin": Path(folder), "configure_s": round(configure_s, 3), "build_s": round(build_s, 3)}
 
 
-def cpp_round(program: Path, endpoint: str, image: Path, out: Path, form: tuple, input_size: int, requests: int) -> list:
+def cpp_round(
+    program: Path, endpoint: str, image: Path, out: Path, form: tuple, input_size: int, requests: int
+) -> list:
     """`requests` requests from one depth_request process: [(round trip ms, compute ms)], first dropped."""
     method, output_dtype, compression = form
-    run = subprocess.run([str(program), "--server", endpoint, "--image", str(image), "--method", method, "--out", str(out),
-                          "--input-size", str(input_size), "--output-dtype", output_dtype, "--compression", compression,
-                          "--repeat", str(requests + 1)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            str(program),
+            "--server",
+            endpoint,
+            "--image",
+            str(image),
+            "--method",
+            method,
+            "--out",
+            str(out),
+            "--input-size",
+            str(input_size),
+            "--output-dtype",
+            output_dtype,
+            "--compression",
+            compression,
+            "--repeat",
+            str(requests + 1),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if run.returncode != 0:
         raise RuntimeError(f"depth_request exited with {run.returncode}: {run.stderr}")
     samples = []
@@ -104,7 +133,9 @@ def python_round(client, jpeg: bytes, form: tuple, input_size: int, requests: in
 def add_arguments(parser) -> None:
     parser.add_argument("--size", help="image size WxH (default 640x480; --quick: 160x120)")
     parser.add_argument("--iterations", type=int, help="requests per client and form (default 50; --quick: 4)")
-    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help=f"model input size (default {DEFAULT_INPUT_SIZE})")
+    parser.add_argument(
+        "--input-size", type=int, default=DEFAULT_INPUT_SIZE, help=f"model input size (default {DEFAULT_INPUT_SIZE})"
+    )
 
 
 def run(args) -> dict:
@@ -128,20 +159,45 @@ def run(args) -> dict:
                     series = {"C++ depth_request": [], "Python DepthClient": []}
                     for r in range(rounds):
                         progress(f"{form}: round {r + 1}/{rounds}")
-                        series["C++ depth_request"] += cpp_round(built["bin"] / "depth_request", server.endpoint, image, tmp / "out.npy",
-                                                                 form, args.input_size, per_round)
-                        series["Python DepthClient"] += python_round(client, image.read_bytes(), form, args.input_size, per_round)
+                        series["C++ depth_request"] += cpp_round(
+                            built["bin"] / "depth_request",
+                            server.endpoint,
+                            image,
+                            tmp / "out.npy",
+                            form,
+                            args.input_size,
+                            per_round,
+                        )
+                        series["Python DepthClient"] += python_round(
+                            client, image.read_bytes(), form, args.input_size, per_round
+                        )
                     for name, samples in series.items():
                         overhead = summarize([rt - c for rt, c in samples], "overhead_")
                         round_trip = summarize([rt for rt, _ in samples], "round_trip_")
                         results.append({"client": name, "form": "/".join(form), **overhead, **round_trip})
-                        rows.append([name, "/".join(form), round_trip["round_trip_p50"], overhead["overhead_p50"], overhead["overhead_p90"], overhead["overhead_n"]])
+                        rows.append(
+                            [
+                                name,
+                                "/".join(form),
+                                round_trip["round_trip_p50"],
+                                overhead["overhead_p50"],
+                                overhead["overhead_p90"],
+                                overhead["overhead_n"],
+                            ]
+                        )
         finally:
             server.stop()
     width, height = size
-    print_table(f"C++ and Python clients, {width}x{height} JPEG in, loopback tcp: overhead = round trip - worker compute (ms)",
-                ["client", "method/dtype/compression", "round trip p50", "overhead p50", "overhead p90", "n"], rows)
-    payload = {"image": f"{width}x{height}", "input_size": args.input_size, "build": {k: v for k, v in built.items() if k != "bin"},
-               "results": results}
+    print_table(
+        f"C++ and Python clients, {width}x{height} JPEG in, loopback tcp: overhead = round trip - worker compute (ms)",
+        ["client", "method/dtype/compression", "round trip p50", "overhead p50", "overhead p90", "n"],
+        rows,
+    )
+    payload = {
+        "image": f"{width}x{height}",
+        "input_size": args.input_size,
+        "build": {k: v for k, v in built.items() if k != "bin"},
+        "results": results,
+    }
     write_results(args.out_dir, "cpp_client", payload)
     return payload

@@ -35,10 +35,20 @@ IMAGE = np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)
 
 # Every method in every output form the server has, asked for explicitly by both clients.
 FORMS = [
-    ("metric_depth", "float32", "none"), ("metric_depth", "float16", "none"), ("metric_depth", "uint16", "none"),
-    ("metric_depth", "float32", "zstd"), ("metric_depth", "float16", "zstd"), ("metric_depth", "uint16", "zstd"),
-    ("rel_depth", "float32", "none"), ("rel_depth", "float16", "none"), ("rel_depth", "float32", "zstd"), ("rel_depth", "float16", "zstd"),
-    ("pointcloud", "float32", "none"), ("pointcloud", "float16", "none"), ("pointcloud", "float32", "zstd"), ("pointcloud", "float16", "zstd"),
+    ("metric_depth", "float32", "none"),
+    ("metric_depth", "float16", "none"),
+    ("metric_depth", "uint16", "none"),
+    ("metric_depth", "float32", "zstd"),
+    ("metric_depth", "float16", "zstd"),
+    ("metric_depth", "uint16", "zstd"),
+    ("rel_depth", "float32", "none"),
+    ("rel_depth", "float16", "none"),
+    ("rel_depth", "float32", "zstd"),
+    ("rel_depth", "float16", "zstd"),
+    ("pointcloud", "float32", "none"),
+    ("pointcloud", "float16", "none"),
+    ("pointcloud", "float32", "zstd"),
+    ("pointcloud", "float16", "zstd"),
 ]
 
 
@@ -70,21 +80,39 @@ def files(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("cpp-serve"), tmp_path_factory.mktemp("no-checkpoints"),
-                 extra=["--random-weights", "--api-key", KEY, "--require-auth"])
+    srv = Server(
+        tmp_path_factory.mktemp("cpp-serve"),
+        tmp_path_factory.mktemp("no-checkpoints"),
+        extra=["--random-weights", "--api-key", KEY, "--require-auth"],
+    )
     try:
         yield srv
     finally:
         srv.stop()
 
 
-def depth_request(cpp: Path, endpoint: str, image: Path, out: Path, *args, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    argv = [cpp / "depth_request", "--server", endpoint, "--image", image, "--out", out, "--input-size", TEST_INPUT_SIZE, *args]
+def depth_request(
+    cpp: Path, endpoint: str, image: Path, out: Path, *args, timeout: float = 60.0
+) -> subprocess.CompletedProcess:
+    argv = [
+        cpp / "depth_request",
+        "--server",
+        endpoint,
+        "--image",
+        image,
+        "--out",
+        out,
+        "--input-size",
+        TEST_INPUT_SIZE,
+        *args,
+    ]
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout + 30)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    return (
+        a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    )
 
 
 # --- against the real server ----------------------------------------------------------------
@@ -112,15 +140,55 @@ def test_arrays_equal_the_python_clients_bit_for_bit(cpp, files, server, method,
 def test_raw_pixels_colours_and_depth_scale_match_python(cpp, files, server, socket):
     """A raw BGR buffer (.npy) with its shape, with_color, and uint16 with a chosen depth_scale."""
     out, colors = files["out"] / f"raw-{socket}.npy", files["out"] / f"colors-{socket}.npy"
-    run = depth_request(cpp, server.endpoint, files["npy"], out, "--method", "pointcloud", "--key", KEY, "--socket", socket,
-                        "--fx", K["fx"], "--fy", K["fy"], "--cx", K["cx"], "--cy", K["cy"], "--colors-out", colors)
+    run = depth_request(
+        cpp,
+        server.endpoint,
+        files["npy"],
+        out,
+        "--method",
+        "pointcloud",
+        "--key",
+        KEY,
+        "--socket",
+        socket,
+        "--fx",
+        K["fx"],
+        "--fy",
+        K["fy"],
+        "--cx",
+        K["cx"],
+        "--cy",
+        K["cy"],
+        "--colors-out",
+        colors,
+    )
     assert run.returncode == 0, run.stderr
     depth_out = files["out"] / f"raw-depth-{socket}.npy"
-    run = depth_request(cpp, server.endpoint, files["npy"], depth_out, "--method", "metric_depth", "--key", KEY, "--socket", socket,
-                        "--output-dtype", "uint16", "--depth-scale", "0.002", "--compression", "zstd", "--max-depth", "30")
+    run = depth_request(
+        cpp,
+        server.endpoint,
+        files["npy"],
+        depth_out,
+        "--method",
+        "metric_depth",
+        "--key",
+        KEY,
+        "--socket",
+        socket,
+        "--output-dtype",
+        "uint16",
+        "--depth-scale",
+        "0.002",
+        "--compression",
+        "zstd",
+        "--max-depth",
+        "30",
+    )
     assert run.returncode == 0, run.stderr
     with DepthClient(server.endpoint, key=KEY, timeout=60, input_size=TEST_INPUT_SIZE) as client:
-        cloud = client.pointcloud(IMAGE, K, with_color=True, server_side=True, output_dtype="float32", compression="none")
+        cloud = client.pointcloud(
+            IMAGE, K, with_color=True, server_side=True, output_dtype="float32", compression="none"
+        )
         depth = client.metric_depth(IMAGE, 30.0, output_dtype="uint16", depth_scale=0.002, compression="zstd")
     assert same_bits(np.load(out), np.asarray(cloud.points))
     assert np.array_equal(np.load(colors), cloud.colors) and np.load(colors).dtype == np.uint8
@@ -129,32 +197,73 @@ def test_raw_pixels_colours_and_depth_scale_match_python(cpp, files, server, soc
 
 def test_camera_info_matches_python(cpp, files, server):
     """A ROS CameraInfo at 640x480 instead of intrinsics: the server scales K to the 64x48 image."""
-    info = {"k": [500.0, 0.0, 319.5, 0.0, 510.0, 239.5, 0.0, 0.0, 1.0], "width": 640, "height": 480,
-            "d": [0.0] * 5, "distortion_model": "plumb_bob"}
+    info = {
+        "k": [500.0, 0.0, 319.5, 0.0, 510.0, 239.5, 0.0, 0.0, 1.0],
+        "width": 640,
+        "height": 480,
+        "d": [0.0] * 5,
+        "distortion_model": "plumb_bob",
+    }
     out = files["out"] / "camera-info.npy"
-    run = depth_request(cpp, server.endpoint, files["png"], out, "--method", "pointcloud", "--key", KEY,
-                        "--camera-k", ",".join(map(str, info["k"])), "--camera-size", "640x480", "--camera-d", "0,0,0,0,0",
-                        "--distortion-model", "plumb_bob", "--output-dtype", "float32", "--compression", "zstd")
+    run = depth_request(
+        cpp,
+        server.endpoint,
+        files["png"],
+        out,
+        "--method",
+        "pointcloud",
+        "--key",
+        KEY,
+        "--camera-k",
+        ",".join(map(str, info["k"])),
+        "--camera-size",
+        "640x480",
+        "--camera-d",
+        "0,0,0,0,0",
+        "--distortion-model",
+        "plumb_bob",
+        "--output-dtype",
+        "float32",
+        "--compression",
+        "zstd",
+    )
     assert run.returncode == 0, run.stderr
     with DepthClient(server.endpoint, key=KEY, timeout=60, input_size=TEST_INPUT_SIZE) as client:
-        expected = client.pointcloud(files["png"].read_bytes(), camera_info=info, server_side=True, output_dtype="float32", compression="zstd")
+        expected = client.pointcloud(
+            files["png"].read_bytes(), camera_info=info, server_side=True, output_dtype="float32", compression="zstd"
+        )
     assert same_bits(np.load(out), np.asarray(expected.points))
 
 
 def test_wrong_key_exits_1_with_unauthorized(cpp, files, server):
-    run = depth_request(cpp, server.endpoint, files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--key", "not-the-key")
+    run = depth_request(
+        cpp, server.endpoint, files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--key", "not-the-key"
+    )
     assert run.returncode == 1 and "unauthorized" in run.stderr, (run.returncode, run.stderr)
 
 
 def test_bad_request_exits_1_with_the_code(cpp, files, server):
-    run = depth_request(cpp, server.endpoint, files["png"], files["out"] / "x.npy", "--method", "rel_depth", "--key", KEY, "--output-dtype", "uint16")
+    run = depth_request(
+        cpp,
+        server.endpoint,
+        files["png"],
+        files["out"] / "x.npy",
+        "--method",
+        "rel_depth",
+        "--key",
+        KEY,
+        "--output-dtype",
+        "uint16",
+    )
     assert run.returncode == 1 and "bad_request" in run.stderr, (run.returncode, run.stderr)
 
 
 def test_no_server_exits_2_within_the_timeout(cpp, files):
     endpoint = f"tcp://127.0.0.1:{free_port_block(1)}"  # nothing listens there
     start = time.monotonic()
-    run = depth_request(cpp, endpoint, files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--timeout", "1.5", timeout=1.5)
+    run = depth_request(
+        cpp, endpoint, files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--timeout", "1.5", timeout=1.5
+    )
     elapsed = time.monotonic() - start
     assert run.returncode == 2 and "timeout" in run.stderr, (run.returncode, run.stderr)
     assert "(1 try)" in run.stderr, "without --try-timeout one try waits for the whole budget"
@@ -203,8 +312,26 @@ def test_timeout_then_success_on_a_new_socket(cpp, files, server, socket):
     stub = SwallowFirst(server.endpoint)
     out = files["out"] / f"retry-{socket}.npy"
     try:
-        run = depth_request(cpp, stub.endpoint, files["png"], out, "--method", "metric_depth", "--key", KEY, "--socket", socket,
-                            "--output-dtype", "float32", "--compression", "none", "--timeout", "10", "--try-timeout", "2")
+        run = depth_request(
+            cpp,
+            stub.endpoint,
+            files["png"],
+            out,
+            "--method",
+            "metric_depth",
+            "--key",
+            KEY,
+            "--socket",
+            socket,
+            "--output-dtype",
+            "float32",
+            "--compression",
+            "none",
+            "--timeout",
+            "10",
+            "--try-timeout",
+            "2",
+        )
     finally:
         stub.close()
     assert run.returncode == 0, run.stderr
@@ -239,7 +366,9 @@ def subscribe_while_sending(cpp: Path, camera: CameraPublisher, *args, frame=IMA
 def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
     stream, count = "cpp-cam", 3
     camera = CameraPublisher(server.stream, stream=stream, key=KEY, input_size=TEST_INPUT_SIZE)
-    returncode, out, err = subscribe_while_sending(cpp, camera, "--server", server.endpoint, "--stream", stream, "--count", count)
+    returncode, out, err = subscribe_while_sending(
+        cpp, camera, "--server", server.endpoint, "--stream", stream, "--count", count
+    )
     assert returncode == 0, err
     lines = out.splitlines()
     assert len(lines) == count
@@ -251,9 +380,21 @@ def test_subscriber_receives_n_results_from_a_camera_stream(cpp, server):
 def test_subscriber_reports_error_results_with_their_code(cpp, server):
     """A frame the worker cannot decode is published as an error: printed with its code, exit 1."""
     camera = CameraPublisher(server.stream, stream="cpp-broken-cam", key=KEY, input_size=TEST_INPUT_SIZE)
-    returncode, out, err = subscribe_while_sending(cpp, camera, "--server", server.endpoint, "--stream", "cpp-broken-cam", "--count", 1,
-                                                   frame=b"\xff\xd8\xff" + bytes(64))  # a JPEG signature, then nothing
-    assert returncode == 1 and out == "" and "stream=cpp-broken-cam" in err and "error bad_request" in err, (returncode, err)
+    returncode, out, err = subscribe_while_sending(
+        cpp,
+        camera,
+        "--server",
+        server.endpoint,
+        "--stream",
+        "cpp-broken-cam",
+        "--count",
+        1,
+        frame=b"\xff\xd8\xff" + bytes(64),
+    )  # a JPEG signature, then nothing
+    assert returncode == 1 and out == "" and "stream=cpp-broken-cam" in err and "error bad_request" in err, (
+        returncode,
+        err,
+    )
 
 
 def test_protocol_doc_example_is_the_compiled_program(cpp, files, server):
@@ -262,13 +403,32 @@ def test_protocol_doc_example_is_the_compiled_program(cpp, files, server):
     section = re.search(r"^## \d+\. Reading reply arrays.*?(?=^## )", doc, re.S | re.M).group(0)
     block = re.search(r"```cpp\n(.*?)```", section, re.S).group(1)
     assert block == (REPO / "clients" / "cpp" / "examples" / "points.cpp").read_text()
-    run = subprocess.run([str(cpp / "points"), server.endpoint, str(files["png"]), KEY, str(TEST_INPUT_SIZE)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [str(cpp / "points"), server.endpoint, str(files["png"]), KEY, str(TEST_INPUT_SIZE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0 and run.stdout.startswith(f"{IMAGE.shape[0] * IMAGE.shape[1]} points"), run.stderr
 
 
 def test_subscriber_without_results_exits_2(cpp, server):
-    run = subprocess.run([str(cpp / "stream_subscriber"), "--server", server.endpoint, "--stream", "nobody-sends", "--count", "1",
-                          "--timeout", "1"], capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [
+            str(cpp / "stream_subscriber"),
+            "--server",
+            server.endpoint,
+            "--stream",
+            "nobody-sends",
+            "--count",
+            "1",
+            "--timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == 2 and "timeout" in run.stderr
 
 
@@ -285,13 +445,42 @@ def curve(tmp_path_factory):
     zmq.auth.create_certificates(root / "clients", "robot")
     zmq.auth.create_certificates(root / "outsiders", "stranger")
     port = free_port_block(5)
-    process = Process([str(a) for a in ["serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1", "--random-weights",
-                       "--checkpoint-dir", root, "--log-level", "WARNING", "--curve-secret-file", root / "server" / "server.key_secret",
-                       "--curve-clients", root / "clients"]], root / "serve.log")
-    keys = {"endpoint": f"tcp://127.0.0.1:{port}", "server": root / "server" / "server.key",
-            "robot": root / "clients" / "robot.key_secret", "stranger": root / "outsiders" / "stranger.key_secret"}
+    process = Process(
+        [
+            str(a)
+            for a in [
+                "serve",
+                "--port",
+                port,
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+                "--random-weights",
+                "--checkpoint-dir",
+                root,
+                "--log-level",
+                "WARNING",
+                "--curve-secret-file",
+                root / "server" / "server.key_secret",
+                "--curve-clients",
+                root / "clients",
+            ]
+        ],
+        root / "serve.log",
+    )
+    keys = {
+        "endpoint": f"tcp://127.0.0.1:{port}",
+        "server": root / "server" / "server.key",
+        "robot": root / "clients" / "robot.key_secret",
+        "stranger": root / "outsiders" / "stranger.key_secret",
+    }
     try:
-        with DepthClient(keys["endpoint"], timeout=60, retries=30, server_key=keys["server"], client_keys=keys["robot"]) as client:
+        with DepthClient(
+            keys["endpoint"], timeout=60, retries=30, server_key=keys["server"], client_keys=keys["robot"]
+        ) as client:
             deadline = time.monotonic() + 60
             while not client.health()["workers"]:
                 assert process.proc.poll() is None and time.monotonic() < deadline, process.log()
@@ -302,29 +491,70 @@ def curve(tmp_path_factory):
 
 
 def test_curve_right_keys_work(cpp, files, curve):
-    run = depth_request(cpp, curve["endpoint"], files["png"], files["out"] / "curve.npy", "--method", "metric_depth",
-                        "--server-key", curve["server"], "--client-cert", curve["robot"])
+    run = depth_request(
+        cpp,
+        curve["endpoint"],
+        files["png"],
+        files["out"] / "curve.npy",
+        "--method",
+        "metric_depth",
+        "--server-key",
+        curve["server"],
+        "--client-cert",
+        curve["robot"],
+    )
     assert run.returncode == 0, run.stderr
     assert np.load(files["out"] / "curve.npy").shape == IMAGE.shape[:2]
 
 
 @pytest.mark.parametrize("who", ["stranger", "wrong_server_key", "plain"])
 def test_curve_wrong_keys_time_out(cpp, files, curve, who):
-    args = {"stranger": ["--server-key", curve["server"], "--client-cert", curve["stranger"]],
-            "wrong_server_key": ["--server-key", curve["stranger"], "--client-cert", curve["robot"]],
-            "plain": []}[who]
-    run = depth_request(cpp, curve["endpoint"], files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--timeout", "1.5",
-                        "--retries", "0", *args, timeout=1.5)
+    args = {
+        "stranger": ["--server-key", curve["server"], "--client-cert", curve["stranger"]],
+        "wrong_server_key": ["--server-key", curve["stranger"], "--client-cert", curve["robot"]],
+        "plain": [],
+    }[who]
+    run = depth_request(
+        cpp,
+        curve["endpoint"],
+        files["png"],
+        files["out"] / "x.npy",
+        "--method",
+        "metric_depth",
+        "--timeout",
+        "1.5",
+        "--retries",
+        "0",
+        *args,
+        timeout=1.5,
+    )
     assert run.returncode == 2 and "timeout" in run.stderr, (run.returncode, run.stderr)
 
 
 def test_curve_subscriber_receives_with_the_right_keys(cpp, curve):
     stream = "cpp-secure-cam"
     host, port = curve["endpoint"].rsplit(":", 1)
-    camera = CameraPublisher(f"{host}:{int(port) + P.STREAM_PORT_OFFSET}", stream=stream, input_size=TEST_INPUT_SIZE,
-                             server_key=curve["server"], client_keys=curve["robot"])
-    returncode, out, err = subscribe_while_sending(cpp, camera, "--server", curve["endpoint"], "--stream", stream, "--count", 1,
-                                                   "--server-key", curve["server"], "--client-cert", curve["robot"])
+    camera = CameraPublisher(
+        f"{host}:{int(port) + P.STREAM_PORT_OFFSET}",
+        stream=stream,
+        input_size=TEST_INPUT_SIZE,
+        server_key=curve["server"],
+        client_keys=curve["robot"],
+    )
+    returncode, out, err = subscribe_while_sending(
+        cpp,
+        camera,
+        "--server",
+        curve["endpoint"],
+        "--stream",
+        stream,
+        "--count",
+        1,
+        "--server-key",
+        curve["server"],
+        "--client-cert",
+        curve["robot"],
+    )
     assert returncode == 0 and f"stream={stream} " in out, err
 
 
@@ -352,7 +582,9 @@ class Stub:
                 continue
             frames = self.router.recv_multipart()
             request_id = P.decode_header(frames[2])["id"]
-            for reply_id, (descriptor, frame) in ([(request_id + 1000, self.stale)] if self.stale else []) + [(request_id, self.reply)]:
+            for reply_id, (descriptor, frame) in ([(request_id + 1000, self.stale)] if self.stale else []) + [
+                (request_id, self.reply)
+            ]:
                 header = P.ok_header(reply_id, arrays={"depth": descriptor}, min=0.0, max=1.0, timing={})
                 self.router.send_multipart([frames[0], b"", P.packb(header), frame])
 
@@ -395,7 +627,14 @@ def test_float16_converts_exactly(cpp, files):
 def test_uint16_delta_row_zstd_undone_with_wraparound(cpp, files):
     counts = np.array([[0, 65535, 1, 40000, 0], [7, 7, 65000, 3, 65535]], dtype=np.uint16)
     frame = zstandard.ZstdCompressor().compress(P.delta_rows(counts).tobytes())
-    desc = {"frame": 1, "dtype": "uint16", "shape": [2, 5], "compression": "zstd", "filter": "delta_row", "scale": 0.001}
+    desc = {
+        "frame": 1,
+        "dtype": "uint16",
+        "shape": [2, 5],
+        "compression": "zstd",
+        "filter": "delta_row",
+        "scale": 0.001,
+    }
     run, got = ask_stub(cpp, files, desc, frame)
     assert run.returncode == 0, run.stderr
     assert same_bits(got, counts.astype(np.float32) * np.float32(0.001))
@@ -405,16 +644,19 @@ def _zstd(data: bytes, content_size: bool = True) -> bytes:
     return zstandard.ZstdCompressor(write_content_size=content_size).compress(data)
 
 
-@pytest.mark.parametrize("case,frame", [
-    ("more bytes than the shape", _zstd(bytes(64))),
-    ("fewer bytes than the shape", _zstd(bytes(16))),
-    ("more bytes, no content size in the frame", _zstd(bytes(4096), content_size=False)),
-    ("fewer bytes, no content size in the frame", _zstd(bytes(16), content_size=False)),
-    ("trailing data after the frame", _zstd(bytes(32)) + b"\0"),
-    ("two frames", _zstd(bytes(16)) + _zstd(bytes(16))),
-    ("not zstd at all", bytes(32)),
-    ("a truncated frame", _zstd(np.random.default_rng(0).bytes(32))[:-3]),
-])
+@pytest.mark.parametrize(
+    "case,frame",
+    [
+        ("more bytes than the shape", _zstd(bytes(64))),
+        ("fewer bytes than the shape", _zstd(bytes(16))),
+        ("more bytes, no content size in the frame", _zstd(bytes(4096), content_size=False)),
+        ("fewer bytes, no content size in the frame", _zstd(bytes(16), content_size=False)),
+        ("trailing data after the frame", _zstd(bytes(32)) + b"\0"),
+        ("two frames", _zstd(bytes(16)) + _zstd(bytes(16))),
+        ("not zstd at all", bytes(32)),
+        ("a truncated frame", _zstd(np.random.default_rng(0).bytes(32))[:-3]),
+    ],
+)
 def test_zstd_frame_of_the_wrong_size_is_a_clear_error(cpp, files, case, frame):
     """float32 [2, 4] needs 32 bytes: anything else is an `internal` error naming the array."""
     run, _ = ask_stub(cpp, files, {"frame": 1, "dtype": "float32", "shape": [2, 4], "compression": "zstd"}, frame)
@@ -422,14 +664,18 @@ def test_zstd_frame_of_the_wrong_size_is_a_clear_error(cpp, files, case, frame):
     assert "internal" in run.stderr and "array 'depth'" in run.stderr, run.stderr
 
 
-@pytest.mark.parametrize("descriptor,frame", [
-    ({"frame": 1, "dtype": "float32", "shape": [2, 4]}, bytes(31)),  # one byte short, uncompressed
-    ({"frame": 2, "dtype": "float32", "shape": [2, 4]}, bytes(32)),  # points past the last frame
-    ({"frame": 1, "dtype": "float64", "shape": [2, 2]}, bytes(32)),  # not a dtype depth comes in
-    ({"frame": 1, "dtype": "float32", "shape": [65536, 65536, 65536]}, bytes(32)),  # far past max_array_bytes
-    ({"frame": 1, "dtype": "float32", "shape": [8], "filter": "delta_row"}, bytes(32)),  # delta_row is for uint16
-    ({"frame": 1, "dtype": "uint16", "shape": [16], "scale": -1.0}, bytes(32)),
-], ids=["short frame", "frame past the end", "float64", "huge shape", "delta_row on float32", "negative scale"])
+@pytest.mark.parametrize(
+    "descriptor,frame",
+    [
+        ({"frame": 1, "dtype": "float32", "shape": [2, 4]}, bytes(31)),  # one byte short, uncompressed
+        ({"frame": 2, "dtype": "float32", "shape": [2, 4]}, bytes(32)),  # points past the last frame
+        ({"frame": 1, "dtype": "float64", "shape": [2, 2]}, bytes(32)),  # not a dtype depth comes in
+        ({"frame": 1, "dtype": "float32", "shape": [65536, 65536, 65536]}, bytes(32)),  # far past max_array_bytes
+        ({"frame": 1, "dtype": "float32", "shape": [8], "filter": "delta_row"}, bytes(32)),  # delta_row is for uint16
+        ({"frame": 1, "dtype": "uint16", "shape": [16], "scale": -1.0}, bytes(32)),
+    ],
+    ids=["short frame", "frame past the end", "float64", "huge shape", "delta_row on float32", "negative scale"],
+)
 def test_inconsistent_descriptors_are_refused(cpp, files, descriptor, frame):
     run, _ = ask_stub(cpp, files, descriptor, frame)
     assert run.returncode == 1 and "internal" in run.stderr, (descriptor, run.stderr)
