@@ -177,3 +177,14 @@ def test_network_cleans_up_when_interrupted(tmp_path, sig, monkeypatch):
             bench.kill()
     assert set(namespaces()) <= before, "namespaces left behind"
     assert not [pid for text in started for pid in pids_running(text)], "processes left behind"
+
+
+def test_compile(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "compile", "--quick", "--no-batching", "--out-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"python -m bench compile --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert "|---" in result.stdout, "no table printed"
+    document = json.loads((tmp_path / "compile-fp32.json").read_text())
+    single = document["single"]
+    assert single["compile_failed"] is None and single["eager_ms"] > 0 and single["compiled_ms"] > 0
+    assert document["goals"][0]["met"] is None  # a --quick run measures no goal

@@ -66,8 +66,8 @@ def test_compiled_matches_eager_in_fp32(compiled, eager, dataset, size):
 def test_compiled_cuda_graphs_match_eager_in_half_precision(dtype):
     """reduce-overhead (CUDA graphs) against eager: metric at a non-square frame, relative square."""
     eager_cuda = Engine(device="cuda", dtype=dtype, random_weights=True)
-    compiled_cuda = Engine(device="cuda", dtype=dtype, random_weights=True, compile="reduce-overhead")
-    assert compiled_cuda.graphs.cuda_graphs and not compiled_cuda.compile_in_background
+    compiled_cuda = Engine(device="cuda", dtype=dtype, random_weights=True, compile="reduce-overhead", compile_in_background=True)
+    assert compiled_cuda.graphs.cuda_graphs and not compiled_cuda.compile_in_background  # CUDA graphs: built inline
     for dataset, (height, width) in (("hypersim", (480, 640)), ("relative", (518, 518))):
         method = P.REL_DEPTH if dataset == "relative" else P.METRIC_DEPTH
         image = photo_like(height, width, seed=2)
@@ -177,23 +177,29 @@ def test_configuration_errors():
 def test_warm_up_reports_warming_then_serves_the_first_request_as_fast_as_later_ones(tmp_path, checkpoint_dir):
     """A served worker with --compile and --warmup-shapes: health shows it warming while it builds
     its graph, and once ready the first request needs no compile and takes no longer than the
-    later ones (compared within this run). Without the warm-up, the first request would build the
-    graph inline and say so with `compile_ms`."""
+    later ones (compared within this run). Without the warm-up, `graphs` would be empty when the
+    worker turns ready, and its first requests would run eagerly while the graph built."""
     # 2 threads like the parity tests' engines: the graph is then the one they built, and inductor's
     # disk cache makes the warm-up quick when they ran first.
     server = Server(tmp_path, checkpoint_dir, extra=["--compile", "default", "--warmup-shapes", f"48x64@{TEST_INPUT_SIZE}",
-                                                      "--preload", "vits:hypersim", "--threads", "2"])
+                                                      "--preload", "vits:hypersim", "--threads", "2"], wait_workers=0)
     try:
         seen_warming = False
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            worker = server.health()["workers"][0]
+            workers = server.health()["workers"]
+            if not workers:  # not registered yet
+                time.sleep(0.1)
+                continue
+            worker = workers[0]
             seen_warming |= worker["warming"]
             if worker["ready"] and not worker["warming"]:
                 break
             time.sleep(0.1)
         assert seen_warming, "health never showed the worker warming"
         assert worker["ready"], server.process.log()
+        built = ["vits_hypersim:56x70:b1:fp32"]  # 48x64 at input 56: the model input is 56x70
+        assert worker["graphs"] == built  # built before the worker took any request
         image = photo_like(48, 64, seed=7)
         header = P.request_header(P.METRIC_DEPTH, id=1, image={"frame": 1, "format": "raw", "shape": list(image.shape)},
                                   input_size=TEST_INPUT_SIZE, timeout_ms=60_000)
@@ -203,6 +209,7 @@ def test_warm_up_reports_warming_then_serves_the_first_request_as_fast_as_later_
             assert reply["ok"], reply
             timings.append(reply["timing"])
         assert not any("compile_ms" in t for t in timings), timings
+        assert server.health()["workers"][0]["graphs"] == built  # nothing new was compiled
         later = statistics.median(t["inference_ms"] for t in timings[1:])
         assert timings[0]["inference_ms"] <= 3 * later + 20, timings  # a compile would be ~100x
     finally:

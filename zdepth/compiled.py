@@ -45,6 +45,10 @@ class GraphKey:
     batch: int
     dtype: str  # "fp32", "fp16" or "bf16"
 
+    def __str__(self) -> str:
+        """As health shows it: "vits_hypersim:518x686:b1:fp16"."""
+        return f"{self.encoder}_{self.dataset}:{self.shape[0]}x{self.shape[1]}:b{self.batch}:{self.dtype}"
+
 
 def batch_bucket(n: int, max_batch: int) -> int:
     """The batch size a batch of `n` inputs is padded to: the smallest power of two >= n, capped at

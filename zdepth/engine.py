@@ -194,17 +194,16 @@ class Engine:
         compile: str = "off",
         max_graphs: int = DEFAULT_MAX_GRAPHS,
         max_batch: int = WorkerOptions.max_batch,
-        compile_in_background: Optional[bool] = None,
+        compile_in_background: bool = False,
     ):
         """`compile` (zdepth/compiled.py): "off" runs the model eagerly; "default", "reduce-overhead"
         or "max-autotune" run it through torch.compile graphs, one per (model, input shape, batch
         bucket, dtype), at most `max_graphs` held. Batches are padded to the buckets of
         `max_batch` (1, 2, 4, ... max_batch). A graph not built yet is built inline (the results'
-        timing then has `compile_ms`) or, with `compile_in_background`, in a background thread while
-        the batches that need it run eagerly. None (the default) means on CUDA only: there the
-        host's cores are free to compile while the GPU serves, whereas on the CPU a compile takes
-        the cores the requests need. CUDA graphs are always built inline (they are recorded per
-        thread). `warm_up` builds graphs ahead of traffic."""
+        timing then has `compile_ms`) or, with `compile_in_background` (the worker's choice), in a
+        background thread while the batches that need it run eagerly: no request waits for a
+        build, though on a CPU the build takes cores from them meanwhile. CUDA graphs are always
+        built inline (they are recorded per thread). `warm_up` builds graphs ahead of traffic."""
         if max_models < 1:
             raise ConfigError(f"max_models must be at least 1, got {max_models}")
         if preprocess not in PREPROCESS:
@@ -229,9 +228,6 @@ class Engine:
             raise ConfigError(f"max_batch and max_graphs must be at least 1, got {max_batch} and {max_graphs}")
         self.max_batch = max_batch
         self.graphs = None if compile == "off" else CompiledGraphs(compile, self.device, max_graphs)
-        self.warming = False  # true while `warm_up` builds graphs: health shows it
-        if compile_in_background is None:
-            compile_in_background = self.device.type == "cuda"
         self.compile_in_background = compile_in_background and self.graphs is not None and not self.graphs.cuda_graphs
         self._building: set[GraphKey] = set()  # graphs a background thread is building or will build
         self._building_lock = threading.Lock()
@@ -268,6 +264,10 @@ class Engine:
         except CheckpointError as exc:
             raise P.ZDepthError(P.MODEL_UNAVAILABLE, str(exc)) from None
         return model.eval()
+
+    def graphs_built(self) -> list[str]:
+        """The compiled graphs held, least recently used first, e.g. "vits_hypersim:518x686:b1:fp16"."""
+        return [str(key) for key in self.graphs.keys()] if self.graphs is not None else []
 
     def models_loaded(self) -> list[str]:
         return [f"{encoder}_{dataset}" for encoder, dataset in self._models]
@@ -368,22 +368,18 @@ class Engine:
 
     def warm_up(self, image_sizes: Sequence[tuple[int, int, int]], models: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         """Run each model once at each image size (height, width, input_size) and each batch
-        bucket, so that no request pays a first call: with `compile`, this builds the graphs
-        (`warming` is true meanwhile); without, it runs one eager forward pass per shape and batch.
+        bucket, so that no request pays a first call: with `compile`, this builds the graphs;
+        without, it runs one eager forward pass per shape and batch.
         Returns one row per (model, input shape, batch) with the ms it took."""
         rows = []
-        self.warming = True
-        try:
-            for encoder, dataset in models:
-                model = self.model(encoder, dataset)
-                for shape in dict.fromkeys(resized_shape(*size) for size in image_sizes):
-                    for batch in batch_buckets(self.max_batch):
-                        key = GraphKey(encoder, dataset, shape, batch, self.dtype_name)
-                        start = time.perf_counter()
-                        self._build(key, model)
-                        rows.append({"model": f"{encoder}_{dataset}", "shape": list(shape), "batch": batch, "ms": _ms(start)})
-        finally:
-            self.warming = False
+        for encoder, dataset in models:
+            model = self.model(encoder, dataset)
+            for shape in dict.fromkeys(resized_shape(*size) for size in image_sizes):
+                for batch in batch_buckets(self.max_batch):
+                    key = GraphKey(encoder, dataset, shape, batch, self.dtype_name)
+                    start = time.perf_counter()
+                    self._build(key, model)
+                    rows.append({"model": f"{encoder}_{dataset}", "shape": list(shape), "batch": batch, "ms": _ms(start)})
         return rows
 
     def _preprocess(self, image: np.ndarray, input_size: int) -> torch.Tensor:

@@ -41,17 +41,18 @@ WARM_UP_SHAPE = (64, 64, 3)  # the warm-up frame: uint8 BGR, its content irrelev
 def warm_up_engine(engine: Any, preload: list, image_sizes: Sequence[tuple[int, int, int]] = (), default_dataset: str = P.DEFAULT_DATASET) -> None:
     """Run every `preload` model ("ENCODER:DATASET"; without any, the default encoder's
     `default_dataset` model) at each image size (height, width, input_size) and each batch bucket
-    (`Engine.warm_up`: with --compile this builds the graphs, and health shows the worker
-    `warming`), then one whole frame at the first size through the first model, so the first
-    request pays no first-call cost. Without `image_sizes` (--warmup-shapes), the frame's size:
-    the default input size on a GPU, where the first call builds kernels for that size, and the
-    smallest input size on a CPU, where only the path needs checking.
+    (`Engine.warm_up`: with --compile this builds the graphs), then one whole frame at the first
+    size through the first model, so the first request pays no first-call cost. Without
+    `image_sizes` (--warmup-shapes), one 64x64 frame at the default input size on a GPU, where
+    the first call builds kernels for that size, and at the smallest on a CPU, where only the
+    path needs checking.
     Raises what loading or running raises (e.g. `model_unavailable` when no checkpoint exists)."""
     models = [(encoder, dataset or default_dataset) for encoder, _, dataset in (item.partition(":") for item in preload)]
     models = models or [(engine.default_encoder, default_dataset)]
     if not image_sizes:
         image_sizes = [(*WARM_UP_SHAPE[:2], P.MIN_INPUT_SIZE if engine.device.type == "cpu" else P.DEFAULT_INPUT_SIZE)]
-    engine.warm_up(image_sizes, models)
+    for row in engine.warm_up(image_sizes, models):
+        log.info("warm-up: %s at %dx%d, batch %d: %.0f ms", row["model"], *row["shape"], row["batch"], row["ms"])
     (encoder, dataset), (height, width, size) = models[0], image_sizes[0]
     method = P.REL_DEPTH if dataset == "relative" else P.METRIC_DEPTH
     engine.predict(method, np.zeros((height, width, 3), np.uint8), encoder=encoder, dataset=dataset, input_size=size)
@@ -99,6 +100,7 @@ class Worker:
         self.served = 0
         self.warm_up = warm_up  # run first in the compute thread; the worker is ready once it returns
         self.ready = warm_up is None
+        self.warming = warm_up is not None  # until the warm-up returns: the broker sends no work meanwhile
         self.problem: Optional[str] = None  # why the worker is not ready (its warm-up failed)
         self.parent_pid = parent_pid  # serve's pid: the worker stops when its parent is gone
         self._tasks: queue.Queue = queue.Queue()
@@ -162,7 +164,7 @@ class Worker:
     def _state(self) -> dict:
         """What READY and each heartbeat tell the broker (broker/workers.py `worker_state`)."""
         return {"models": self.engine.models_loaded(), "served": self.served, "ready": self.ready,
-                "warming": getattr(self.engine, "warming", False) is True, "problem": self.problem,
+                "warming": self.warming, "problem": self.problem,
                 "graphs": self.engine.graphs_built()}
 
     def _check_parent(self) -> None:
@@ -260,6 +262,8 @@ class Worker:
             self.problem = f"warm-up failed: {exc.message if isinstance(exc, P.ZDepthError) else f'{type(exc).__name__}: {exc}'}"
             log.error("%s; the worker serves but is not ready", self.problem)
             return
+        finally:
+            self.warming = False
         self.ready = True
         log.info("worker %s ready (warm-up %.1f s)", self.name, time.monotonic() - started)
 
