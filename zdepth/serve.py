@@ -2,8 +2,10 @@
 
 `serve` is the embedded default: a broker in this process and one worker process per GPU
 (or N CPU workers), each started fresh with `python -m zdepth worker` (never forked:
-CUDA and ZeroMQ contexts must not cross a fork) and restarted when it dies. The same
-broker and worker also run as separate commands on separate machines.
+CUDA and ZeroMQ contexts must not cross a fork) and restarted when it dies or the broker
+declares it hung. The same broker and worker also run as separate commands on separate
+machines. SIGTERM/SIGINT drain every one of them (docs/protocol.md section 12): the broker
+finishes accepted work within --drain-timeout, a worker its current batch.
 
 Ports: `--port P` is the request/reply frontend; P+1 the camera ingress, P+2 the results
 PUB socket, P+3 the TCP worker backend (serve: only with `--backend-host`, its own workers
