@@ -312,8 +312,8 @@ def test_examples_wait_for_their_results(tmp_path, checkpoint_dir):
         assert loop.returncode == 0, loop.stderr
         assert (out / "cam0_000003.png").exists(), loop.stdout  # the last frame's result: the broker always computes the newest
         robot = subprocess.run([sys.executable, str(examples / "robot_controller_req.py"), "--server", server.endpoint,
-                                "--image", str(frames / "1.jpg"), "--iterations", "2", "--hz", "50"],
+                                "--image", str(frames / "1.jpg"), "--iterations", "1"],
                                capture_output=True, text=True, timeout=120, env=env)
-        assert robot.returncode == 0 and robot.stdout.count("points, nearest ahead") == 2, robot.stdout + robot.stderr
+        assert robot.returncode == 0 and robot.stdout.count("points, nearest ahead") == 1, robot.stdout + robot.stderr
     finally:
         server.stop()
