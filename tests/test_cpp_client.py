@@ -563,15 +563,18 @@ def test_curve_subscriber_receives_with_the_right_keys(cpp, curve):
 
 class Stub:
     """A ROUTER that answers every request with one crafted reply: (descriptor, frame).
-    `stale`: a reply with another id comes first, as a late answer to an old request would."""
+    `stale`: a reply with another id comes first, as a late answer to an old request would.
+    `errors`: the first requests are answered with these error codes instead, one each."""
 
-    def __init__(self, descriptor: dict, frame: bytes, stale: Optional[tuple] = None):
+    def __init__(self, descriptor: dict, frame: bytes, stale: Optional[tuple] = None, errors: tuple = ()):
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.linger = 0
         self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
         self.reply = (descriptor, frame)
         self.stale = stale
+        self.errors = list(errors)
+        self.requests = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -582,6 +585,12 @@ class Stub:
                 continue
             frames = self.router.recv_multipart()
             request_id = P.decode_header(frames[2])["id"]
+            self.requests += 1
+            if self.errors:
+                self.router.send_multipart(
+                    [frames[0], b"", P.packb(P.error_header(request_id, self.errors.pop(0), "stub"))]
+                )
+                continue
             for reply_id, (descriptor, frame) in ([(request_id + 1000, self.stale)] if self.stale else []) + [
                 (request_id, self.reply)
             ]:
@@ -611,6 +620,28 @@ def test_dealer_drops_replies_with_another_id(cpp, files):
     run, got = ask_stub(cpp, files, desc, depth.tobytes(), stale=(desc, (depth + 100).tobytes()))
     assert run.returncode == 0, run.stderr
     assert same_bits(got, depth)
+
+
+@pytest.mark.parametrize(
+    "errors,returncode,requests",
+    [
+        (("overloaded", "worker_lost", "shutting_down"), 0, 4),  # early retryable answers: resent (retries 3)
+        (("timeout",), 1, 1),  # the server's timeout: the try's time is spent, not resent
+        (("bad_request",), 1, 1),
+        (("overloaded",) * 4, 1, 4),  # retries used up: the last error, with its code
+    ],
+)
+def test_resends_follow_the_error_code(cpp, files, errors, returncode, requests):
+    stub = Stub({"frame": 1, "dtype": "float32", "shape": [2]}, bytes(8), errors=errors)
+    try:
+        run = depth_request(
+            cpp, stub.endpoint, files["png"], files["out"] / "x.npy", "--method", "metric_depth", "--retries", 3
+        )
+    finally:
+        stub.close()
+    assert run.returncode == returncode and stub.requests == requests, (run.returncode, stub.requests, run.stderr)
+    if returncode:
+        assert f"error {errors[-1]}: stub" in run.stderr
 
 
 def test_float16_converts_exactly(cpp, files):
