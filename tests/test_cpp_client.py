@@ -9,9 +9,11 @@ A compile error always fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -430,6 +432,33 @@ def test_subscriber_without_results_exits_2(cpp, server):
         timeout=30,
     )
     assert run.returncode == 2 and "timeout" in run.stderr
+
+
+def test_bench_runs_with_this_build(cpp, tmp_path):
+    """`python -m bench cpp --quick` end to end, on the session's build."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "cpp",
+            "--quick",
+            "--iterations",
+            "2",
+            "--build-dir",
+            str(cpp),
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "cpp_client.json").read_text())["results"]
+    assert {r["client"] for r in results} == {"C++ depth_request", "Python DepthClient"}
+    assert all(r["overhead_n"] > 0 and r["round_trip_p50"] > 0 for r in results)
 
 
 # --- CURVE ----------------------------------------------------------------------------------
