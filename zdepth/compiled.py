@@ -12,8 +12,9 @@ entry, no key ever meets dynamo's recompile limit (which would silently fall bac
 dropping a graph from the LRU drops its compiled code with it.
 
 A compile failure (no C++ compiler for inductor, an operator a backend cannot lower, ...) falls
-back to the eager model, with one warning: the first failure turns compiling off for the rest
-of the process's life, so a machine that cannot compile pays the failed attempt once.
+back to the eager model, with one warning: the first failure turns compiling off for good
+(graphs already built keep running), so a machine that cannot compile pays the failed attempt
+once.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class CompiledGraphs:
 
     def run(self, key: GraphKey, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[float]]:
         """`model(x)` through `key`'s graph, building it first when it is not held: (output, the
-        build's milliseconds including that first call, or None when the graph was held).
+        build's milliseconds including that first call, or None when the graph was held). After a
+        failed build, graphs not held run eagerly (None) and are not held.
 
         On CUDA with CUDA graphs the output lives in the graph's memory pool and is overwritten by
         the graph's next call: use it (or copy it) before calling again from the same thread."""
@@ -122,8 +124,18 @@ class CompiledGraphs:
                 self._graphs.move_to_end(key)
         if graph is not None:
             return self._call(graph, x), None
+        if self.failure is not None:  # compiling is off: eager, and nothing held
+            return model(x), None
         start = time.perf_counter()
-        graph, output = self._build(key, model, x)
+        try:
+            graph = self.compiler(model, self.mode)
+            output = self._call(graph, x)  # torch.compile compiles on the first call
+        except Exception as exc:  # any failure inside torch.compile: serve eagerly rather than not at all
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.failure = f"{type(exc).__name__}: {message}"[:500]
+            log.warning("torch.compile failed (%s); running the model eagerly from now on", self.failure)
+            return model(x), (time.perf_counter() - start) * 1000.0
+        log.info("compiled %s in mode %s", key, self.mode)
         build_ms = (time.perf_counter() - start) * 1000.0
         with self._lock:
             self._graphs[key] = graph
@@ -131,18 +143,6 @@ class CompiledGraphs:
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         return output, build_ms
-
-    def _build(self, key: GraphKey, model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable, torch.Tensor]:
-        if self.failure is None:
-            try:
-                graph = self.compiler(model, self.mode)
-                output = self._call(graph, x)  # torch.compile compiles on the first call
-                log.info("compiled %s in mode %s", key, self.mode)
-                return graph, output
-            except Exception as exc:  # any failure inside torch.compile: serve eagerly rather than not at all
-                self.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-                log.warning("torch.compile failed (%s); running the model eagerly from now on", self.failure)
-        return model, model(x)
 
     def _call(self, graph: Callable, x: torch.Tensor) -> torch.Tensor:
         if self.cuda_graphs:

@@ -328,7 +328,8 @@ class Engine:
         n = x.shape[0]
         key = GraphKey(*model_key, shape=tuple(x.shape[2:]), batch=batch_bucket(n, self.max_batch), dtype=self.dtype_name)
         if self.compile_in_background and key not in self.graphs:
-            self._build_later(key, model)
+            if self.graphs.failure is None:
+                self._build_later(key, model)
             return model(x), None
         if key.batch > n:
             x = torch.cat([x, x[-1:].expand(key.batch - n, -1, -1, -1)])
