@@ -764,6 +764,11 @@ class Broker:
             if job.deadline <= now:
                 self._fail(job, P.TIMEOUT, "the deadline passed while the request waited for a worker")
                 continue
+            try:  # a client that stopped reading its replies gets no more computed for it
+                self.replies.check(job.envelope[0].bytes)
+            except P.ZDepthError as error:
+                self._fail(job, error.code, error.message)
+                continue
             return job
         return None
 

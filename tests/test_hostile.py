@@ -127,7 +127,7 @@ def test_client_that_never_reads_is_bounded(reply_server):
         grown = rss_mb(broker_pid) - before
         stats, _ = raw_request(reply_server.endpoint, P.request_header(P.STATS, id="s"))
         assert grown < 60, f"broker grew {grown:.0f} MB under a client that never reads ({stats['bytes']})"
-        assert stats["counters"]["replies_dropped"] >= 5, stats["counters"]
+        assert stats["counters"].get("replies_dropped", 0) + stats["errors"].get("overloaded", 0) >= 8, stats
     finally:
         attacker.close()
 
@@ -200,7 +200,7 @@ def test_unfinished_handshake_and_silent_peer_are_dropped(tmp_path):
     finally:
         greeting_only.close()
         silent.close()
-        proc.kill()  # SIGTERM would drain: wait for queued requests
+        proc.kill()
         proc.wait(10)
 
 
@@ -258,7 +258,7 @@ def test_stream_frames_count_against_their_source_address(tmp_path):
         client.close()
     finally:
         camera.close()
-        proc.kill()  # SIGTERM would drain: wait for queued requests
+        proc.kill()
         proc.wait(10)
 
 
@@ -319,7 +319,7 @@ def test_only_workers_with_allowed_keys_register(tmp_path):
         for sock in impostors:
             sock.close()
         worker.stop()
-        proc.kill()  # SIGTERM would drain: wait for queued requests
+        proc.kill()
         proc.wait(10)
 
 
