@@ -58,15 +58,29 @@ ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
 
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"))
 
-# The wire form clients ask for by default (docs/protocol.md 3.3): metric depth as uint16
-# counts of 1 mm, every array zstd-compressed (lossless).
+# The wire form clients ask for by default (docs/protocol.md 3.6): metric depth as uint16
+# counts of 1 mm, every array zstd-compressed (lossless) unless the server is on this host.
 COMPACT_DEPTH = {"output_dtype": "uint16", "compression": "zstd"}
+_LOCAL_HOSTS = ("127.", "localhost", "[::1]", "::1")
 
 
-def compact_defaults(method: str) -> dict:
-    """The default wire options for `method`: uint16 + zstd for metric depth; zstd alone for
-    relative depth and server-side clouds, which keep their float dtype."""
-    return dict(COMPACT_DEPTH) if method == P.METRIC_DEPTH else {"compression": COMPACT_DEPTH["compression"]}
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// endpoints and tcp:// to a loopback address: there,
+    compressing costs more time than the bytes it saves (bench/compression.py)."""
+    scheme, _, address = endpoint.partition("://")
+    return scheme in ("ipc", "inproc") or scheme == "tcp" and address.startswith(_LOCAL_HOSTS)
+
+
+def compact_defaults(method: str, endpoint: Optional[str] = None) -> dict:
+    """The default wire options for `method` toward `endpoint`: uint16 (metric depth only;
+    relative depth and server-side clouds keep their float dtype) and zstd, which is left
+    out for a server on this host (`is_local_endpoint`)."""
+    defaults = dict(COMPACT_DEPTH) if method == P.METRIC_DEPTH else {"compression": COMPACT_DEPTH["compression"]}
+    if endpoint is not None and is_local_endpoint(endpoint):
+        defaults["compression"] = "none"
+    return defaults
+
+
 _CHANNELS = ("bgr", "rgb")
 
 
@@ -383,17 +397,17 @@ class DepthClient:
         depth_scale, compression.
 
         By default the depth travels compact: uint16 counts of 1 mm (2 mm for max_depth over
-        65.535 m) and zstd, a sixth or less of float32's bytes, at most half a count off
-        (`result.counts`, `result.scale`). ``output_dtype="float32", compression="none"`` gets
-        the model's exact float32 output."""
-        opts = {**compact_defaults(P.METRIC_DEPTH), **opts}
+        65.535 m), half of float32's bytes, and zstd on top (a sixth or less) unless the server
+        is on this host; at most half a count off (`result.counts`, `result.scale`).
+        ``output_dtype="float32", compression="none"`` gets the model's exact float32 output."""
+        opts = {**compact_defaults(P.METRIC_DEPTH, self.endpoint), **opts}
         return depth_result(*self._predict(P.METRIC_DEPTH, image_message(image, channels), timeout, max_depth=max_depth, **opts))
 
     def relative_depth(self, image: ImageInput, *, channels: str = "bgr", timeout: Optional[float] = None, **opts: Any) -> DepthResult:
         """Relative depth, float32 (H, W): the metric model scaled to 0..1 (max_depth = 1), or
         the relative checkpoint's disparity with ``dataset="relative"``. Sent zstd-compressed
-        by default (lossless); uint16 is refused for relative depth."""
-        opts = {**compact_defaults(P.REL_DEPTH), **opts}
+        (lossless) by default unless the server is on this host; uint16 is refused for relative depth."""
+        opts = {**compact_defaults(P.REL_DEPTH, self.endpoint), **opts}
         return depth_result(*self._predict(P.REL_DEPTH, image_message(image, channels), timeout, **opts))
 
     def pointcloud(
@@ -415,7 +429,7 @@ class DepthClient:
         `zdepth.camera.resolve_intrinsics` (the rule the server applies; bad_request if the sizes
         differ by more than one uniform scale or d is non-zero).
 
-        By default the server sends compact depth (uint16 mm + zstd, see `metric_depth`) and
+        By default the server sends compact depth (uint16 mm, + zstd, see `metric_depth`) and
         the cloud is rebuilt here with `zdepth.geometry.unproject`, the server's own formula:
         a twentieth of the bytes of a float32 cloud. Each point is then off by at most half a
         count in z (0.5 mm by default) and the same relative amount in x and y; pixels without
@@ -430,7 +444,7 @@ class DepthClient:
         message = image_message(image, channels)
         if not server_side:
             colors = rgb_pixels(*message) if with_color else None  # before the request: a decode error costs no round trip
-            opts = {**compact_defaults(P.METRIC_DEPTH), **opts}
+            opts = {**compact_defaults(P.METRIC_DEPTH, self.endpoint), **opts}
             depth = depth_result(*self._predict(P.METRIC_DEPTH, message, timeout, max_depth=max_depth, **opts))
             fields = Result.fields_from(depth.header)
             k = resolve_intrinsics(camera.get("intrinsics"), camera.get("camera_info"), *depth.depth.shape)

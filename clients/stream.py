@@ -71,7 +71,8 @@ class CameraPublisher:
 
     The prediction options (method, intrinsics, max_depth, encoder, dataset, input_size,
     output_dtype, depth_scale, compression) are fixed per stream. Results come in the compact
-    form by default (`compact_defaults`: uint16 mm + zstd for metric depth, zstd otherwise);
+    form by default (`compact_defaults`: uint16 mm + zstd for metric depth, zstd otherwise;
+    zstd even toward this host, since subscribers may be anywhere);
     `DepthSubscriber` turns every form back into float32 metres. `jpeg_quality` (1-95)
     JPEG-encodes numpy frames with PIL before sending: ~20x fewer bytes, for Wi-Fi links; without it frames go raw (no encode cost, best on a
     LAN or the same host). `channels` is the order of numpy frames (OpenCV gives bgr).

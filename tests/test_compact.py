@@ -171,6 +171,19 @@ def test_a_forged_reply_is_a_clear_client_error():
         router.close()
 
 
+def test_compact_defaults_leave_zstd_out_on_this_host():
+    from clients.client import compact_defaults, is_local_endpoint
+
+    for endpoint in ("ipc:///tmp/x.ipc", "inproc://a", "tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555"):
+        assert is_local_endpoint(endpoint), endpoint
+    for endpoint in ("tcp://10.0.0.5:5555", "tcp://gpu-server:5555", "tcp://[fe80::1]:5555", "tcp://1270.0.0.1:1"):
+        assert not is_local_endpoint(endpoint), endpoint
+    assert compact_defaults(P.METRIC_DEPTH, "tcp://10.0.0.5:5555") == {"output_dtype": "uint16", "compression": "zstd"}
+    assert compact_defaults(P.METRIC_DEPTH, "tcp://127.0.0.1:5555") == {"output_dtype": "uint16", "compression": "none"}
+    assert compact_defaults(P.REL_DEPTH, "tcp://10.0.0.5:5555") == {"compression": "zstd"}
+    assert compact_defaults(P.POINTCLOUD) == {"compression": "zstd"}  # streams: subscribers may be anywhere
+
+
 def test_to_metres_handles_every_form_and_refuses_bad_scales():
     counts = np.array([[0, 1, 1500]], np.uint16)
     # count x scale in float32, the documented rule every client follows (bit for bit across languages)
@@ -294,7 +307,10 @@ def test_the_default_cloud_is_compact_and_within_half_a_count(client):
     exact = client.pointcloud(img, K, server_side=True, output_dtype="float32", compression="none")
     compact = client.pointcloud(img, K)
     desc = compact.header["arrays"]["depth"]
-    assert (desc["dtype"], desc["compression"], desc["scale"]) == ("uint16", "zstd", 0.001)
+    # uint16 always; zstd only toward another host (this server is on loopback)
+    assert (desc["dtype"], desc["compression"], desc["scale"]) == ("uint16", "none", 0.001)
+    zstd = client.pointcloud(img, K, compression="zstd")
+    assert zstd.header["arrays"]["depth"]["compression"] == "zstd" and np.array_equal(zstd.points, compact.points)
     z_exact, z_compact = exact.points[:, 2], compact.points[:, 2]
     assert np.abs(z_compact - z_exact).max() <= 0.0005 + 1e-6
     # x and y scale with z: the same relative bound.

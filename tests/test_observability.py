@@ -49,7 +49,7 @@ def traffic(server: Server) -> None:
     """Two results, one bad request, one unauthorised request and a few camera frames."""
     with DepthClient(server.endpoint, key=KEY, timeout=30, input_size=TEST_INPUT_SIZE) as client:
         client.metric_depth(IMAGE)
-        client.pointcloud(IMAGE, {"fx": 50.0, "fy": 50.0, "cx": 32.0, "cy": 24.0})
+        client.pointcloud(IMAGE, {"fx": 50.0, "fy": 50.0, "cx": 32.0, "cy": 24.0}, server_side=True)
         with pytest.raises(ServerError):
             client.metric_depth(IMAGE, max_depth=-1.0)
     head, _ = raw_request(server.endpoint, P.request_header(P.STATS, id=1, key="wrong"))

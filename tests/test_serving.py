@@ -63,9 +63,10 @@ def test_every_method_and_geometry(server, transport):
     with DepthClient(endpoint, key=KEY, timeout=30, input_size=TEST_INPUT_SIZE) as c:
         assert c.health()["status"] in ("healthy", "degraded")
         assert c.describe()["version"] == P.VERSION
-        metric = c.metric_depth(img, max_depth=20.0)
+        # The exact forms (the client's default is compact: tests/test_compact.py)
+        metric = c.metric_depth(img, max_depth=20.0, output_dtype="float32", compression="none")
         rel = c.relative_depth(img)
-        cloud = c.pointcloud(img, INTRINSICS, max_depth=20.0)
+        cloud = c.pointcloud(img, INTRINSICS, max_depth=20.0, server_side=True)
     depth = metric.depth
     assert depth.shape == (48, 64) and depth.dtype == np.float32
     assert float(depth.std()) > 1e-3, "random weights must give a non-constant depth"
