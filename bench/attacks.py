@@ -345,8 +345,8 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def attack_cameras(server: Server, names: int = 63, frame_mb: int = 16, imagezmq_names: int = 100_000) -> dict:
-    """6. From 127.0.0.2: 63 stream names with 16 MB frames; then 63 names kept fresh while a new camera
+def attack_cameras(server: Server, names: int = 64, frame_mb: int = 16, imagezmq_names: int = 100_000) -> dict:
+    """6. From 127.0.0.2: 64 stream names with 16 MB frames; then the 64 names (a full table) kept fresh while a new camera
     from 127.0.0.1 asks for a slot; then `imagezmq_names` imagezmq sender names (serve needs --imagezmq)."""
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
@@ -389,7 +389,7 @@ def attack_cameras(server: Server, names: int = 63, frame_mb: int = 16, imagezmq
         sender.recv()
     sender.close()
     time.sleep(1.5)
-    return {"held_mb_after_63_big_frames": held_mb, "new_camera_admitted_after_s": admitted_after,
+    return {"held_mb_after_64_big_frames": held_mb, "new_camera_admitted_after_s": admitted_after,
             f"broker_growth_mb_after_{imagezmq_names}_imagezmq_names": round(_rss_mb(server.proc.pid) - rss_before, 1)}
 
 
