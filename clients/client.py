@@ -82,6 +82,7 @@ def compact_defaults(method: str, endpoint: Optional[str] = None) -> dict:
 
 
 _CHANNELS = ("bgr", "rgb")
+_LOST = object()  # `_receive`: the connection dropped while we waited
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -316,9 +317,11 @@ class DepthClient:
     server answers with a retryable code that comes back early (overloaded, worker_lost,
     shutting_down), after a backoff. Its `timeout` answer is not retried: it means the budget
     is spent. Each try tells the server a slightly shorter deadline (`timeout_ms`), so it
-    drops work nobody waits for any more and its `timeout` answer still reaches us. When no
-    reply comes at all, the socket is replaced by a fresh one for the next call (the Lazy
-    Pirate pattern), since the peer may be gone.
+    drops work nobody waits for any more and its `timeout` answer still reaches us. When the
+    connection drops while a reply is awaited (a broker restart loses what it held), the
+    request is sent again at once on a fresh socket, as a retry. When no reply comes at all,
+    the socket is replaced by a fresh one for the next call (the Lazy Pirate pattern), since
+    the peer may be gone.
 
     `encoder`, `dataset` and `input_size` are defaults for every prediction; a call's own
     options win. `server_key` / `client_keys` turn on CURVE encryption (see
@@ -368,9 +371,7 @@ class DepthClient:
     def close(self) -> None:
         """Close the socket at once, dropping anything unsent (LINGER 0). Idempotent."""
         with self._lock:
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._close_socket()
 
     # -- broker methods ----------------------------------------------------------------------
 
@@ -494,10 +495,14 @@ class DepthClient:
                 self._socket.send_multipart([b"", P.packb(header), *frames], copy=False)
                 sent += 1
                 reply = self._receive(request_id, wait)
-                if reply is None:  # Lazy Pirate: the peer may be gone; the next call starts on a fresh socket
-                    self._socket.close(linger=0)
+                if reply is None or reply is _LOST:
+                    # Lazy Pirate: a fresh socket. After a timeout the budget is spent; after the
+                    # connection dropped (a broker restart loses what it held) the request is resent.
+                    self._close_socket()
                     self._socket = self._connect()
-                    break
+                    if reply is None:
+                        break
+                    continue
                 header, arrays = reply
                 if header.get("ok") is True:
                     return header, arrays
@@ -523,16 +528,33 @@ class DepthClient:
         except zmq.ZMQError:
             socket.close(linger=0)
             raise
+        # Tells us when an established connection drops, so a request the broker took with it is resent.
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         return socket
 
-    def _receive(self, request_id: int, wait: float) -> Optional[tuple[dict, dict]]:
-        """The reply to `request_id` within `wait` seconds, or None. Replies with another id
-        (to a request given up on earlier) are stale and dropped."""
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _receive(self, request_id: int, wait: float) -> Any:
+        """The reply to `request_id` within `wait` seconds; `_LOST` when the connection dropped
+        meanwhile; None when the time ran out. Replies with another id (to a request given up
+        on earlier) are stale and dropped."""
         deadline = time.monotonic() + wait
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._socket.poll(math.ceil(remaining * 1000), zmq.POLLIN):
+            events = dict(poller.poll(math.ceil(remaining * 1000))) if remaining > 0 else {}
+            if not events:
                 return None
+            if self._monitor in events:
+                self._monitor.recv_multipart()
+                return _LOST
             frames = self._socket.recv_multipart(copy=False)
             try:
                 _, body = P.split_envelope(frames)

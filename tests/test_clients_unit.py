@@ -470,3 +470,40 @@ def test_latest_is_the_newest_that_arrived_even_after_a_backlog():
             assert sub.latest(timeout=1).seq == 29
     finally:
         pub.close(linger=0)
+
+
+def test_a_request_lost_with_a_dropped_connection_is_resent_at_once():
+    """A broker that dies holding the request (its connection drops) and comes back on the same
+    port: the client resends on a fresh socket at once instead of waiting out its budget."""
+    ctx = zmq.Context.instance()
+    first = ctx.socket(zmq.ROUTER)
+    first.setsockopt(zmq.LINGER, 0)
+    port = first.bind_to_random_port("tcp://127.0.0.1")
+    seen = []
+
+    def broker():
+        assert first.poll(10_000)
+        seen.append(P.unpackb(first.recv_multipart()[2]))
+        first.close()  # dies with the request
+        time.sleep(0.3)
+        second = ctx.socket(zmq.ROUTER)
+        second.setsockopt(zmq.LINGER, 0)
+        second.bind(f"tcp://127.0.0.1:{port}")
+        try:
+            assert second.poll(10_000)
+            identity, _, header, *_ = second.recv_multipart()
+            seen.append(P.unpackb(header))
+            second.send_multipart([identity, b"", P.packb(P.ok_header(seen[-1]["id"], status="healthy"))])
+        finally:
+            second.close()
+
+    thread = threading.Thread(target=broker)
+    thread.start()
+    try:
+        with DepthClient(f"tcp://127.0.0.1:{port}", timeout=20, retries=2) as client:
+            started = time.monotonic()
+            assert client.health()["status"] == "healthy"
+            assert time.monotonic() - started < 5, "the lost request must be resent at once, not after the budget"
+    finally:
+        thread.join()
+    assert len(seen) == 2 and seen[0]["id"] == seen[1]["id"]
