@@ -71,3 +71,38 @@ def test_a_key_never_reaches_a_worker_and_replies_pass_through(broker):
     np.testing.assert_array_equal(arrays["depth"], depth)
     worker.close()
     client.close()
+
+
+def test_a_warming_worker_gets_no_request_until_it_says_it_is_warm(broker):
+    """A worker building its compiled graphs (READY and heartbeats say `warming`) would hold a
+    request for the whole build: the broker keeps the request queued until it is warm."""
+    instance, port = broker
+    ctx = zmq.Context.instance()
+    worker = ctx.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(f"tcp://127.0.0.1:{port + 3}")
+    worker.send_multipart([P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": "warming", "device": "cpu", "capacity": 1, "warming": True})])
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(f"tcp://127.0.0.1:{port}")
+    header = P.request_header(P.METRIC_DEPTH, id="r1", key=KEY, input_size=56, image={"frame": 1, "format": "raw", "shape": [4, 4, 3]})
+    client.send_multipart([b"", P.packb(header), np.zeros((4, 4, 3), np.uint8).tobytes()])
+
+    def next_command(timeout_s: float):
+        end = time.monotonic() + timeout_s
+        while worker.poll(max(0, int((end - time.monotonic()) * 1000))):
+            frames = worker.recv_multipart()
+            if frames[1] != P.W_HEARTBEAT:
+                return frames
+            worker.send_multipart([P.WORKER_PROTOCOL, P.W_HEARTBEAT, P.packb({"warming": warming})])
+        return None
+
+    warming = True
+    assert next_command(1.5) is None, "a warming worker was sent a request"
+    assert instance.health()["workers"][0]["warming"] is True and len(instance.queue) == 1
+    warming = False
+    worker.send_multipart([P.WORKER_PROTOCOL, P.W_HEARTBEAT, P.packb({"warming": False})])
+    frames = next_command(5)
+    assert frames is not None and frames[1] == P.W_REQUEST, "the request never reached the warm worker"
+    worker.close()
+    client.close()
