@@ -193,7 +193,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="vits only, few iterations")
     parser.add_argument("--skip-served", action="store_true")
     parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode for parts 4 and 5 (default: reduce-overhead)")
-    parser.add_argument("--compile-budget-s", type=float, default=120.0, help="seconds for part 4's rows (default: 120)")
+    parser.add_argument("--compile-budget-s", type=float, default=90.0, help="seconds for part 4's rows (default: 90)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
