@@ -42,6 +42,7 @@ import zmq
 import zdepth
 from zdepth import protocol as P
 from zdepth.auth import KeyStore
+from zdepth.errors import ConfigError
 from zdepth.request import parse_predict
 from zdepth.resize import ComputeLimits
 
@@ -141,7 +142,7 @@ class Broker:
         self.context = context or zmq.Context.instance()
         self.keys = config.keys or KeyStore(use_env=False)
         if config.require_auth and not len(self.keys):
-            raise ValueError("--require-auth needs at least one key (--api-key, --api-key-file or $ZDEPTH_API_KEYS)")
+            raise ConfigError("--require-auth needs at least one key (--api-key, --api-key-file or $ZDEPTH_API_KEYS)")
         self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: collections.deque = collections.deque()
         self.streams = StreamSlots(config.max_streams, config.stream_idle_s)

@@ -24,6 +24,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from zdepth.errors import ConfigError
+
 log = logging.getLogger("zdepth.broker")
 
 # Set on every secured socket, and the domain the certificates are configured for: pyzmq's
@@ -42,9 +44,9 @@ class CurveConfig:
 
     def __post_init__(self) -> None:
         if self.clients_dir is not None and self.allow_any:
-            raise ValueError("CURVE takes one of --curve-clients DIR and --curve-allow-any, not both")
+            raise ConfigError("CURVE takes one of --curve-clients DIR and --curve-allow-any, not both")
         if not self.secures_clients and self.workers_dir is None:
-            raise ValueError("CURVE needs --curve-clients DIR, --curve-allow-any or --worker-keys DIR")
+            raise ConfigError("CURVE needs --curve-clients DIR, --curve-allow-any or --worker-keys DIR")
 
     @property
     def secures_clients(self) -> bool:
@@ -62,7 +64,7 @@ class CurveServer:
         self.public_key, self.secret_key = load_server_keys(config.secret_file)
         for flag, folder in (("--curve-clients", config.clients_dir), ("--worker-keys", config.workers_dir)):
             if folder is not None and not Path(folder).is_dir():
-                raise ValueError(f"{flag} {folder}: not a directory")
+                raise ConfigError(f"{flag} {folder}: not a directory")
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("zdepth.broker.zap"))
         self._auth.start()
         self.reload()
@@ -94,10 +96,10 @@ class CurveServer:
 def load_server_keys(path: str) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys from a NAME.key_secret file, refusing a file without a secret."""
     if not os.path.isfile(path):
-        raise ValueError(f"--curve-secret-file {path}: no such file (create one with `zdepth keygen NAME --dir DIR`)")
+        raise ConfigError(f"--curve-secret-file {path}: no such file (create one with `zdepth keygen NAME --dir DIR`)")
     public, secret = zmq.auth.load_certificate(path)
     if not secret:
-        raise ValueError(f"--curve-secret-file {path} holds no secret key: give the NAME.key_secret file, not NAME.key")
+        raise ConfigError(f"--curve-secret-file {path} holds no secret key: give the NAME.key_secret file, not NAME.key")
     if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("CURVE secret key file %s is readable by other users; chmod 600 it", path)
     return public, secret

@@ -34,7 +34,7 @@ from broker.limits import MB
 
 from . import protocol as P
 from .config import MIB, SHARED_WITH_BROKER, WorkerOptions, add_arguments, from_args, parse_image_sizes, to_argv
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .logs import configure as configure_logging
 from .resize import ComputeLimits
 
@@ -99,7 +99,7 @@ def broker_config(args: argparse.Namespace, expect_workers: int = 0):
     if args.curve_secret_file:
         curve = CurveConfig(args.curve_secret_file, args.curve_clients, args.curve_allow_any, args.worker_keys)
     elif args.curve_clients or args.curve_allow_any or args.worker_keys:
-        raise ValueError("--curve-clients, --curve-allow-any and --worker-keys need --curve-secret-file")
+        raise ConfigError("--curve-clients, --curve-allow-any and --worker-keys need --curve-secret-file")
     if args.backend_host and not _is_loopback(args.backend_host) and not args.worker_keys:
         log.warning("worker port on %s without --worker-keys: any process that reaches it can register as a worker", args.backend_host)
 
