@@ -129,19 +129,32 @@ def test_the_graph_lru_holds_at_most_max_graphs_and_frees_what_it_drops():
     assert graphs.failure is None
 
 
-def test_a_compile_failure_falls_back_to_eager_with_one_warning(eager, monkeypatch, caplog):
-    # A machine without a working C++ compiler: inductor's CPU backend cannot build its kernels.
+def test_a_model_dropped_from_the_model_lru_takes_its_graphs_along():
+    engine = Engine(device="cpu", random_weights=True, compile="default", max_models=1)
+    engine.graphs = CompiledGraphs("default", engine.device, compiler=eager_backend)
+    image = photo_like(48, 64)
+    engine.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE)
+    model = weakref.ref(engine.model("vits", "hypersim"))
+    assert engine.graphs_built() == ["vits_hypersim:56x70:b1:fp32"]
+    engine.predict(P.REL_DEPTH, image, dataset="relative", input_size=TEST_INPUT_SIZE)
+    assert engine.models_loaded() == ["vits_relative"] and engine.graphs_built() == ["vits_relative:56x70:b1:fp32"]
+    gc.collect()
+    assert model() is None, "a graph kept the evicted model alive"
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(eager, caplog):
+    # A machine without a working C++ compiler: inductor's CPU backend cannot build its kernels
+    # (and no cached kernels hide it). torch's own patch() restores the config afterwards.
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no cached kernels to hide the failure
     engine = Engine(device="cpu", random_weights=True, compile="default")
     caplog.set_level(logging.WARNING, logger="zdepth.compiled")
-    for size in SIZES.values():
-        image = photo_like(*size, seed=1)
-        result = engine.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE)
-        reference = eager.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE)
-        np.testing.assert_array_equal(result.arrays["depth"], reference.arrays["depth"])
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        for size in SIZES.values():
+            image = photo_like(*size, seed=1)
+            result = engine.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE)
+            reference = eager.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE)
+            np.testing.assert_array_equal(result.arrays["depth"], reference.arrays["depth"])
     warnings = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert engine.graphs.keys() == [] and engine.graphs_built() == []  # nothing pretends to be compiled
@@ -156,8 +169,9 @@ def test_a_new_shape_builds_in_the_background_while_its_requests_run_eagerly(eag
     reference = eager.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE).arrays["depth"]
     np.testing.assert_array_equal(first.arrays["depth"], reference)  # eager: the very same numbers
     deadline = time.monotonic() + 300
-    while not engine.graphs.keys() and time.monotonic() < deadline:
+    while not engine.graphs.keys() and engine.graphs.failure is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert engine.graphs.failure is None
     assert [key.shape for key in engine.graphs.keys()] == [(56, 70)]
     later = engine.predict(P.METRIC_DEPTH, image, input_size=TEST_INPUT_SIZE)
     assert "compile_ms" not in later.timing

@@ -111,6 +111,12 @@ class CompiledGraphs:
         with self._lock:
             return list(self._graphs)
 
+    def forget(self, encoder: str, dataset: str) -> None:
+        """Drop the graphs of one model (each holds the model: its memory is freed only with them)."""
+        with self._lock:
+            for key in [k for k in self._graphs if (k.encoder, k.dataset) == (encoder, dataset)]:
+                del self._graphs[key]
+
     def run(self, key: GraphKey, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[float]]:
         """`model(x)` through `key`'s graph, building it first when it is not held: (output, the
         build's milliseconds including that first call, or None when the graph was held). After a
@@ -131,8 +137,7 @@ class CompiledGraphs:
             graph = self.compiler(model, self.mode)
             output = self._call(graph, x)  # torch.compile compiles on the first call
         except Exception as exc:  # any failure inside torch.compile: serve eagerly rather than not at all
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.failure = f"{type(exc).__name__}: {message}"[:500]
+            self.failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]  # one line for logs and tests
             log.warning("torch.compile failed (%s); running the model eagerly from now on", self.failure)
             return model(x), (time.perf_counter() - start) * 1000.0
         log.info("compiled %s in mode %s", key, self.mode)

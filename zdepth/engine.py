@@ -250,7 +250,9 @@ class Engine:
             model = model.to(memory_format=torch.channels_last)
         self._models[key] = model
         while len(self._models) > self.max_models:
-            self._models.popitem(last=False)
+            dropped, _ = self._models.popitem(last=False)
+            if self.graphs is not None:
+                self.graphs.forget(*dropped)  # its graphs hold it too
         return model
 
     def _load(self, encoder: str, dataset: str) -> DepthAnythingV2:
