@@ -25,7 +25,7 @@ else
 TORCH_INDEX := --index-url $(TORCH_CPU_INDEX)
 endif
 
-.PHONY: serve test lint ruff
+.PHONY: serve test lint
 
 serve: $(VENV)/.stamp-server
 	$(BIN)/python -m zdepth serve --fetch-weights $(ARGS)
@@ -33,11 +33,9 @@ serve: $(VENV)/.stamp-server
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# ruff's linter alone (what .ci/run runs), and with the format check.
-ruff: $(VENV)/.stamp-test
+# ruff's linter and format check (pyproject.toml), as .ci/run runs them.
+lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check .
-
-lint: ruff
 	$(BIN)/ruff format --check .
 
 $(BIN)/python:

@@ -45,7 +45,7 @@ def thin_png(height: int = 56, width: int = 2048) -> bytes:
 def _scan_end(data: bytes, sos: int) -> int:
     """Where the scan starting at the SOS marker `sos` ends: its header, then entropy-coded data
     up to the first marker that is neither a stuffed 0xFF00 nor a restart marker."""
-    i = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    i = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
     while True:
         i = data.find(b"\xff", i)
         if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7:
@@ -64,7 +64,7 @@ def scan_bomb(extra_scans: int = 20_000, side: int = 2048) -> bytes:
     data = buffer.getvalue()
     first = data.find(b"\xff\xda")
     end = data.rfind(b"\xff\xd9")
-    return data[:end] + data[first:_scan_end(data, first)] * extra_scans + data[end:]
+    return data[:end] + data[first : _scan_end(data, first)] * extra_scans + data[end:]
 
 
 # --- the attacks against a real server ------------------------------------------------------
@@ -111,12 +111,35 @@ class Server:
             public, secret = zmq.auth.load_certificate(workdir / "clients" / "robot.key_secret")
             self.keys = (public, secret, zmq.auth.load_certificate(workdir / "server" / "server.key")[0])
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
-        argv = [sys.executable, "-m", "zdepth", "serve", "--port", str(self.port), "--device", "cpu", "--workers", "1", "--threads", "1",
-                "--random-weights", "--log-level", "ERROR", *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "zdepth",
+            "serve",
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--random-weights",
+            "--log-level",
+            "ERROR",
+            *extra,
+        ]
         self.log = workdir / f"serve-{self.port}.log"
         preexec = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)) if limit else None
-        self.proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=preexec)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=repo,
+            env=env,
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
         deadline = time.monotonic() + 120
         while True:
             state, _ = call(self.endpoint, P.request_header(P.HEALTH, id="h"), [], timeout_s=1.0, keys=self.keys)
@@ -125,7 +148,9 @@ class Server:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"zdepth serve did not start:\n{self.log.read_text()[-3000:]}")
-        reply, _ = call(self.endpoint, predict_header(id="warm"), [GOOD_IMAGE.tobytes()], 120, self.keys)  # the model loads on first use
+        reply, _ = call(
+            self.endpoint, predict_header(id="warm"), [GOOD_IMAGE.tobytes()], 120, self.keys
+        )  # the model loads on first use
         assert reply and reply["ok"], reply
 
     def pids(self) -> dict:
@@ -161,7 +186,10 @@ class Watch:
         self.latencies: list = []
         self.failures: dict = {}
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample, daemon=True), threading.Thread(target=self._client, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._sample, daemon=True),
+            threading.Thread(target=self._client, daemon=True),
+        ]
 
     def __enter__(self) -> "Watch":
         for thread in self._threads:
@@ -180,7 +208,13 @@ class Watch:
 
     def _client(self) -> None:
         while not self._stop.is_set():
-            reply, seconds = call(self.server.endpoint, predict_header(id="good", timeout_ms=10_000), [GOOD_IMAGE.tobytes()], 12, self.server.keys)
+            reply, seconds = call(
+                self.server.endpoint,
+                predict_header(id="good", timeout_ms=10_000),
+                [GOOD_IMAGE.tobytes()],
+                12,
+                self.server.keys,
+            )
             if reply is not None and reply.get("ok"):
                 self.latencies.append(seconds * 1000.0)
             else:
@@ -213,8 +247,13 @@ def _settle(server: Server, timeout_s: float) -> None:
 def attack_never_reads(server: Server, side: int = 4096, count: int = 10) -> dict:
     """1. Point clouds with colours of a side² PNG (48 KB for 4096²) to a client that reads nothing."""
     png = cv2.imencode(".png", np.zeros((side, side, 3), np.uint8))[1].tobytes()
-    header = predict_header(P.POINTCLOUD, {"frame": 1, "format": "png"}, with_color=True, timeout_ms=120_000,
-                            intrinsics={"fx": 500.0, "fy": 500.0, "cx": side / 2, "cy": side / 2})
+    header = predict_header(
+        P.POINTCLOUD,
+        {"frame": 1, "format": "png"},
+        with_color=True,
+        timeout_ms=120_000,
+        intrinsics={"fx": 500.0, "fy": 500.0, "cx": side / 2, "cy": side / 2},
+    )
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVHWM, 1)
     sock.setsockopt(zmq.RCVBUF, 4096)
@@ -250,8 +289,17 @@ def curve_flags(workdir: Path) -> tuple:
     """Serve flags for CURVE with client certificates: a server pair and one allowed client (not the attacker)."""
     for name, folder in (("server", "server"), ("robot", "clients")):
         if not (workdir / folder / f"{name}.key").exists():
-            subprocess.run([sys.executable, "-m", "zdepth", "keygen", name, "--dir", str(workdir / folder)], check=True, capture_output=True)
-    return ("--curve-secret-file", str(workdir / "server" / "server.key_secret"), "--curve-clients", str(workdir / "clients"))
+            subprocess.run(
+                [sys.executable, "-m", "zdepth", "keygen", name, "--dir", str(workdir / folder)],
+                check=True,
+                capture_output=True,
+            )
+    return (
+        "--curve-secret-file",
+        str(workdir / "server" / "server.key_secret"),
+        "--curve-clients",
+        str(workdir / "clients"),
+    )
 
 
 def attack_bytes_before_auth_curve(server: Server) -> dict:
@@ -274,16 +322,27 @@ def attack_compute_bombs(server: Server) -> dict:
     """3. Small inputs, huge compute: each bomb's answer and time, and the next good request's time."""
     bombs = {
         "thin_png_56x2048": (predict_header(image={"frame": 1, "format": "png"}, input_size=518), thin_png()),
-        "raw_1x600": (predict_header(image={"frame": 1, "format": "raw", "shape": [1, 600, 3]}, input_size=518), bytes(1800)),
+        "raw_1x600": (
+            predict_header(image={"frame": 1, "format": "raw", "shape": [1, 600, 3]}, input_size=518),
+            bytes(1800),
+        ),
         "progressive_jpeg_2010_scans": (predict_header(image={"frame": 1, "format": "jpeg"}), scan_bomb(2000, 2048)),
-        "png_4096sq_reply": (predict_header(image={"frame": 1, "format": "png"}), cv2.imencode(".png", np.zeros((4096, 4096, 3), np.uint8))[1].tobytes()),
+        "png_4096sq_reply": (
+            predict_header(image={"frame": 1, "format": "png"}),
+            cv2.imencode(".png", np.zeros((4096, 4096, 3), np.uint8))[1].tobytes(),
+        ),
     }
     out = {}
     for name, (header, data) in bombs.items():
         reply, seconds = call(server.endpoint, dict(header, id=name, timeout_ms=300_000), [data], 300)
         after, after_s = call(server.endpoint, predict_header(id="next"), [GOOD_IMAGE.tobytes()], 300)
-        out[name] = {"bytes": len(data), "answer": "none" if reply is None else ("ok" if reply["ok"] else reply["error"]["code"]),
-                     "answer_s": round(seconds, 2), "next_ok": bool(after and after["ok"]), "next_s": round(after_s, 2)}
+        out[name] = {
+            "bytes": len(data),
+            "answer": "none" if reply is None else ("ok" if reply["ok"] else reply["error"]["code"]),
+            "answer_s": round(seconds, 2),
+            "next_ok": bool(after and after["ok"]),
+            "next_s": round(after_s, 2),
+        }
     return out
 
 
@@ -293,7 +352,13 @@ def attack_rogue_worker(server: Server, requests: int = 10) -> dict:
     rogue = zmq.Context.instance().socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
     rogue.connect(f"tcp://127.0.0.1:{server.port + P.BACKEND_PORT_OFFSET}")
-    rogue.send_multipart([P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": real["name"], "pid": real["pid"], "device": "cpu", "capacity": 1})])
+    rogue.send_multipart(
+        [
+            P.WORKER_PROTOCOL,
+            P.W_READY,
+            P.packb({"name": real["name"], "pid": real["pid"], "device": "cpu", "capacity": 1}),
+        ]
+    )
     stop = threading.Event()
 
     def forge() -> None:
@@ -302,7 +367,14 @@ def attack_rogue_worker(server: Server, requests: int = 10) -> dict:
                 frames = rogue.recv_multipart()
                 if frames[1] == P.W_REQUEST:
                     request = P.decode_header(frames[3])
-                    rogue.send_multipart([P.WORKER_PROTOCOL, P.W_REPLY, frames[2], P.packb(P.ok_header(request.get("id"), model="FORGED", min=0.0, max=0.0))])
+                    rogue.send_multipart(
+                        [
+                            P.WORKER_PROTOCOL,
+                            P.W_REPLY,
+                            frames[2],
+                            P.packb(P.ok_header(request.get("id"), model="FORGED", min=0.0, max=0.0)),
+                        ]
+                    )
                 elif frames[1] == P.W_HEARTBEAT:
                     rogue.send_multipart([P.WORKER_PROTOCOL, P.W_HEARTBEAT])
 
@@ -318,8 +390,12 @@ def attack_rogue_worker(server: Server, requests: int = 10) -> dict:
     stop.set()
     thread.join()
     rogue.close()
-    return {"ok": f"{ok}/{requests}", "forged": forged, "workers_in_health": len(state["workers"]),
-            "duplicate_worker_names": state.get("duplicate_worker_names")}
+    return {
+        "ok": f"{ok}/{requests}",
+        "forged": forged,
+        "workers_in_health": len(state["workers"]),
+        "duplicate_worker_names": state.get("duplicate_worker_names"),
+    }
 
 
 def attack_connections(server: Server, count: int = 1010, hold_s: float = 10.0) -> dict:
@@ -356,7 +432,18 @@ def attack_cameras(server: Server, names: int = 64, frame_mb: int = 16, imagezmq
     big = bytes(side * side * 3)
 
     def frame(name: str, data: bytes, shape: list) -> list:
-        return [P.packb(P.request_header(P.METRIC_DEPTH, stream=name, seq=0, input_size=56, image={"frame": 1, "format": "raw", "shape": shape})), data]
+        return [
+            P.packb(
+                P.request_header(
+                    P.METRIC_DEPTH,
+                    stream=name,
+                    seq=0,
+                    input_size=56,
+                    image={"frame": 1, "format": "raw", "shape": shape},
+                )
+            ),
+            data,
+        ]
 
     for i in range(names):
         push.send_multipart(frame(f"junk-{i}", big, [side, side, 3]), copy=False)
@@ -389,14 +476,19 @@ def attack_cameras(server: Server, names: int = 64, frame_mb: int = 16, imagezmq
         sender.recv()
     sender.close()
     time.sleep(1.5)
-    return {"held_mb_after_64_big_frames": held_mb, "new_camera_admitted_after_s": admitted_after,
-            f"broker_growth_mb_after_{imagezmq_names}_imagezmq_names": round(_rss_mb(server.proc.pid) - rss_before, 1)}
+    return {
+        "held_mb_after_64_big_frames": held_mb,
+        "new_camera_admitted_after_s": admitted_after,
+        f"broker_growth_mb_after_{imagezmq_names}_imagezmq_names": round(_rss_mb(server.proc.pid) - rss_before, 1),
+    }
 
 
 def attack_float16(server: Server) -> dict:
     """7. metric_depth with max_depth 1e5 as float16 (the model's output times 1e5 overflows 65,504)."""
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8)
-    header = predict_header(image={"frame": 1, "format": "raw", "shape": list(image.shape)}, id="f16", max_depth=1e5, output_dtype="float16")
+    header = predict_header(
+        image={"frame": 1, "format": "raw", "shape": list(image.shape)}, id="f16", max_depth=1e5, output_dtype="float16"
+    )
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.endpoint)
@@ -409,7 +501,12 @@ def attack_float16(server: Server) -> dict:
     if not header["ok"]:
         return {"answer": header["error"]["code"], "message": header["error"]["message"][:120]}
     depth = next(iter(arrays.values()))
-    return {"answer": "ok", "inf_pixels": int(np.isinf(depth.astype(np.float32)).sum()), "pixels": int(depth.size), "max": header.get("max")}
+    return {
+        "answer": "ok",
+        "inf_pixels": int(np.isinf(depth.astype(np.float32)).sum()),
+        "pixels": int(depth.size),
+        "max": header.get("max"),
+    }
 
 
 # name -> (attack, serve flags or a function of the work folder giving them, open-file limit)
@@ -428,7 +525,9 @@ ATTACKS: dict[str, tuple[Callable, Any, Optional[tuple]]] = {
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", action="append", choices=list(ATTACKS), help="run only these attacks (repeatable)")
-    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1], help="checkout whose zdepth serve is attacked")
+    parser.add_argument(
+        "--repo", type=Path, default=Path(__file__).resolve().parents[1], help="checkout whose zdepth serve is attacked"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     results = {}

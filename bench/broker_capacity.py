@@ -72,7 +72,11 @@ def stand_in_worker(endpoint: str, capacity: int) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    ready = [P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": f"stand-in-{os.getpid()}", "device": "none", "capacity": capacity, "pid": os.getpid()})]
+    ready = [
+        P.WORKER_PROTOCOL,
+        P.W_READY,
+        P.packb({"name": f"stand-in-{os.getpid()}", "device": "none", "capacity": capacity, "pid": os.getpid()}),
+    ]
     sock.send_multipart(ready)
     payloads: dict = {}
     next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL_S
@@ -114,14 +118,28 @@ def load_client(control: str, endpoints: list, window: int) -> None:
         command = P.unpackb(commands.recv())
         if command.get("stop"):
             return
-        result = run_window(sockets[command["broker"]], image, command["reply_bytes"], window, command["start_at"], command["duration_s"])
+        result = run_window(
+            sockets[command["broker"]],
+            image,
+            command["reply_bytes"],
+            window,
+            command["start_at"],
+            command["duration_s"],
+        )
         commands.send(P.packb(result))
 
 
-def run_window(sock: zmq.Socket, image: bytes, reply_bytes: int, window: int, start_at: float, duration_s: float) -> dict:
+def run_window(
+    sock: zmq.Socket, image: bytes, reply_bytes: int, window: int, start_at: float, duration_s: float
+) -> dict:
     """From wall-clock `start_at`, keep `window` requests in flight for `duration_s`; count the
     replies that arrive in that time, then wait for the rest (not counted)."""
-    fields = {"v": P.VERSION, "method": P.METRIC_DEPTH, "image": {"frame": 1, "format": "jpeg"}, "reply_bytes": reply_bytes}
+    fields = {
+        "v": P.VERSION,
+        "method": P.METRIC_DEPTH,
+        "image": {"frame": 1, "format": "jpeg"},
+        "reply_bytes": reply_bytes,
+    }
     ids, sent = itertools.count(), {}
 
     def send() -> None:
@@ -193,13 +211,28 @@ class Broker(Child):
     def __init__(self, tmp: Path, workers: int, capacity: int):
         port = free_port_block(5)
         self.endpoint = P.tcp_endpoint("127.0.0.1", port)
-        super().__init__(f"broker-{port}", [sys.executable, "-m", "zdepth", "broker", "--port", port, "--log-level", "WARNING"], tmp)
+        super().__init__(
+            f"broker-{port}", [sys.executable, "-m", "zdepth", "broker", "--port", port, "--log-level", "WARNING"], tmp
+        )
         backend = P.tcp_endpoint("127.0.0.1", P.port_layout(port).backend)
         self.workers = []
         try:
             for i in range(workers):
-                self.workers.append(Child(f"stand-in-{port}-{i}", [sys.executable, "-m", "bench.broker_capacity", "--stand-in-worker", backend,
-                                                                    "--capacity", capacity], tmp))
+                self.workers.append(
+                    Child(
+                        f"stand-in-{port}-{i}",
+                        [
+                            sys.executable,
+                            "-m",
+                            "bench.broker_capacity",
+                            "--stand-in-worker",
+                            backend,
+                            "--capacity",
+                            capacity,
+                        ],
+                        tmp,
+                    )
+                )
             self.wait_until(lambda: self._ready(workers), 60, f"listing {workers} stand-in worker(s)")
         except BaseException:
             self.stop()
@@ -221,12 +254,25 @@ class Broker(Child):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"reply sizes in bytes, comma-separated (default {DEFAULT_SIZES})")
-    parser.add_argument("--workers", default=DEFAULT_WORKERS, help=f"stand-in worker counts, comma-separated (default {DEFAULT_WORKERS})")
+    parser.add_argument(
+        "--sizes", default=DEFAULT_SIZES, help=f"reply sizes in bytes, comma-separated (default {DEFAULT_SIZES})"
+    )
+    parser.add_argument(
+        "--workers",
+        default=DEFAULT_WORKERS,
+        help=f"stand-in worker counts, comma-separated (default {DEFAULT_WORKERS})",
+    )
     parser.add_argument("--clients", type=int, help="client processes (default 4; --quick: 2)")
     parser.add_argument("--window", type=int, help="requests each client keeps in flight (default 4; --quick: 2)")
-    parser.add_argument("--capacity", type=int, default=8, help="requests the broker may have on one stand-in worker at once (default 8)")
-    parser.add_argument("--duration", type=float, help="seconds of load per configuration, over all rounds (default 6; --quick: 0.3)")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=8,
+        help="requests the broker may have on one stand-in worker at once (default 8)",
+    )
+    parser.add_argument(
+        "--duration", type=float, help="seconds of load per configuration, over all rounds (default 6; --quick: 0.3)"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick: 1)")
 
 
@@ -240,8 +286,10 @@ def run(args) -> dict:
     configs = [Config(size, workers) for size in sizes for workers in worker_counts]
     with workdir() as tmp:
         tmp = Path(tmp)
-        progress(f"starting {len(worker_counts)} brokers with {worker_counts} stand-in worker(s) (capacity {args.capacity} each) "
-                 f"and {clients} client processes ({window} requests in flight each)")
+        progress(
+            f"starting {len(worker_counts)} brokers with {worker_counts} stand-in worker(s) (capacity {args.capacity} each) "
+            f"and {clients} client processes ({window} requests in flight each)"
+        )
         brokers = []
         try:
             for workers in worker_counts:
@@ -251,28 +299,83 @@ def run(args) -> dict:
             for broker in brokers:
                 broker.stop()
     rows = [c.summary() for c in configs]
-    title = (f"One broker, zero-compute stand-in workers (capacity {args.capacity}), {clients} client processes x {window} in flight, "
-             f"{duration:g} s per row in {rounds} rounds, {os.cpu_count()} cores shared by all")
-    table = print_table(title, ["reply bytes", "workers", "req/s", "MB/s relayed", "rt p50 ms", "rt p99 ms", "broker CPU %",
-                                "CPU % workers / clients", "broker CPU us / request", "req/s per broker core", "errors"],
-                        [(r["reply_bytes"], r["workers"], r["rps"], r["mb_per_s"], r["rt_p50"], r["rt_p99"], r["cpu_percent"]["broker"],
-                          f"{r['cpu_percent']['workers']:.0f} / {r['cpu_percent']['clients']:.0f}", r["broker_cpu_us_per_request"],
-                          r["rps_per_broker_core"], sum(r["errors"].values())) for r in rows])
+    title = (
+        f"One broker, zero-compute stand-in workers (capacity {args.capacity}), {clients} client processes x {window} in flight, "
+        f"{duration:g} s per row in {rounds} rounds, {os.cpu_count()} cores shared by all"
+    )
+    table = print_table(
+        title,
+        [
+            "reply bytes",
+            "workers",
+            "req/s",
+            "MB/s relayed",
+            "rt p50 ms",
+            "rt p99 ms",
+            "broker CPU %",
+            "CPU % workers / clients",
+            "broker CPU us / request",
+            "req/s per broker core",
+            "errors",
+        ],
+        [
+            (
+                r["reply_bytes"],
+                r["workers"],
+                r["rps"],
+                r["mb_per_s"],
+                r["rt_p50"],
+                r["rt_p99"],
+                r["cpu_percent"]["broker"],
+                f"{r['cpu_percent']['workers']:.0f} / {r['cpu_percent']['clients']:.0f}",
+                r["broker_cpu_us_per_request"],
+                r["rps_per_broker_core"],
+                sum(r["errors"].values()),
+            )
+            for r in rows
+        ],
+    )
     plot(rows, worker_counts, args.out_dir, title)
-    config = {"sizes": sizes, "workers": worker_counts, "clients": clients, "window": window, "capacity": args.capacity,
-              "duration_s": duration, "rounds": rounds, "quick": args.quick, "request_image": f"{REQUEST_IMAGE_SIZE[0]}x{REQUEST_IMAGE_SIZE[1]} JPEG"}
+    config = {
+        "sizes": sizes,
+        "workers": worker_counts,
+        "clients": clients,
+        "window": window,
+        "capacity": args.capacity,
+        "duration_s": duration,
+        "rounds": rounds,
+        "quick": args.quick,
+        "request_image": f"{REQUEST_IMAGE_SIZE[0]}x{REQUEST_IMAGE_SIZE[1]} JPEG",
+    }
     write_results(args.out_dir, "broker", {"config": config, "rows": rows, "table": table})
     return {"rows": rows}
 
 
-def measure(brokers: list, configs: list, worker_counts: list, clients: int, window: int, window_s: float, rounds: int, tmp: Path) -> None:
+def measure(
+    brokers: list,
+    configs: list,
+    worker_counts: list,
+    clients: int,
+    window: int,
+    window_s: float,
+    rounds: int,
+    tmp: Path,
+) -> None:
     """Start the client processes, then give every configuration a window per round, in turn
     (the first configuration rotating), adding counts and CPU seconds to `configs`."""
     control = zmq.Context.instance().socket(zmq.ROUTER)
     control.setsockopt(zmq.LINGER, 0)
     port = control.bind_to_random_port("tcp://127.0.0.1")
-    argv = [sys.executable, "-m", "bench.broker_capacity", "--load-client", f"tcp://127.0.0.1:{port}", "--window", window,
-            *[b.endpoint for b in brokers]]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.broker_capacity",
+        "--load-client",
+        f"tcp://127.0.0.1:{port}",
+        "--window",
+        window,
+        *[b.endpoint for b in brokers],
+    ]
     children = [Child(f"load-client-{i}", argv, tmp) for i in range(clients)]
     try:
         identities = [collect(control, children, 60.0)[0] for _ in children]
@@ -280,9 +383,20 @@ def measure(brokers: list, configs: list, worker_counts: list, clients: int, win
             shift = r % len(configs)
             for config in configs[shift:] + configs[:shift]:
                 broker = brokers[worker_counts.index(config.workers)]
-                pids = {"broker": [broker.proc.pid], "workers": [w.proc.pid for w in broker.workers], "clients": [c.proc.pid for c in children]}
+                pids = {
+                    "broker": [broker.proc.pid],
+                    "workers": [w.proc.pid for w in broker.workers],
+                    "clients": [c.proc.pid for c in children],
+                }
                 start_at = time.time() + START_DELAY_S
-                command = P.packb({"broker": brokers.index(broker), "reply_bytes": config.reply_bytes, "start_at": start_at, "duration_s": window_s})
+                command = P.packb(
+                    {
+                        "broker": brokers.index(broker),
+                        "reply_bytes": config.reply_bytes,
+                        "start_at": start_at,
+                        "duration_s": window_s,
+                    }
+                )
                 for identity in identities:
                     control.send_multipart([identity, command])
                 time.sleep(max(0.0, start_at - time.time()))
@@ -330,8 +444,13 @@ def plot(rows: list, worker_counts: list, out_dir, title: str) -> None:
         rps_axis.plot(sizes, [r["rps"] for r in chosen], "o-", label=f"{workers} stand-in worker(s)")
         mb_axis.plot(sizes, [r["mb_per_s"] for r in chosen], "o-", label=f"{workers} stand-in worker(s)")
         for r in chosen:
-            rps_axis.annotate(f"broker {r['cpu_percent']['broker']:.0f} %", (r["reply_bytes"], r["rps"]), textcoords="offset points",
-                              xytext=(4, 4), fontsize=7)
+            rps_axis.annotate(
+                f"broker {r['cpu_percent']['broker']:.0f} %",
+                (r["reply_bytes"], r["rps"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     for axis, label in ((rps_axis, "requests/s"), (mb_axis, "MB/s relayed (replies)")):
         axis.set_xscale("log")
         axis.set_xlabel("reply bytes")

@@ -88,7 +88,10 @@ class Series:
         return [rt - c for rt, c in zip(self.round_trip_ms, self.compute_ms)]
 
     def samples(self) -> dict:
-        return {"rt_ms": [round(v, 3) for v in self.round_trip_ms], "compute_ms": [round(v, 3) for v in self.compute_ms]}
+        return {
+            "rt_ms": [round(v, 3) for v in self.round_trip_ms],
+            "compute_ms": [round(v, 3) for v in self.compute_ms],
+        }
 
     def summary(self) -> dict:
         """Round-trip and overhead percentiles (overhead per request, then its percentiles) and compute p50."""
@@ -239,7 +242,9 @@ class Child:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         self.argv = [str(a) for a in argv]
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+        )
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -254,7 +259,9 @@ class Child:
                 return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"{self.name}: not {what} within {timeout_s:.0f} s ({shlex.join(self.argv)}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.name}: not {what} within {timeout_s:.0f} s ({shlex.join(self.argv)}):\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         """SIGTERM to the whole group (a server's workers too, even if the server itself died), then SIGKILL."""
@@ -283,8 +290,15 @@ class ZdepthServer(Child):
     """`python -m zdepth serve` with random weights on free ports, ready once health lists
     all its workers. `endpoint` (tcp), `ipc`, `stream` and `pub` are ready to connect to."""
 
-    def __init__(self, workdir: Path, workers: int = 1, threads: Optional[int] = None, device: str = "cpu", dtype: str = "fp32",
-                 extra: Sequence[str] = ()):
+    def __init__(
+        self,
+        workdir: Path,
+        workers: int = 1,
+        threads: Optional[int] = None,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        extra: Sequence[str] = (),
+    ):
         port = free_port_block(5)
         ipc_path = Path(workdir) / f"zdepth-{port}.ipc"
         self.endpoint = f"tcp://127.0.0.1:{port}"
@@ -293,8 +307,25 @@ class ZdepthServer(Child):
         self.stream = f"tcp://127.0.0.1:{ports.stream}"
         self.pub = f"tcp://127.0.0.1:{ports.pub}"
         self.workers = workers
-        argv = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--ipc", ipc_path, "--device", device, "--dtype", dtype,
-                "--workers", workers, "--random-weights", "--log-level", "WARNING"]
+        argv = [
+            sys.executable,
+            "-m",
+            "zdepth",
+            "serve",
+            "--port",
+            port,
+            "--ipc",
+            ipc_path,
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--workers",
+            workers,
+            "--random-weights",
+            "--log-level",
+            "WARNING",
+        ]
         if threads:
             argv += ["--threads", threads]
         argv += list(extra)  # more `zdepth serve` flags
@@ -314,7 +345,17 @@ class HttpServer(Child):
 
     def __init__(self, workdir: Path, threads: Optional[int] = None, device: str = "cpu", dtype: str = "fp32"):
         self.port = free_port_block(1)
-        argv = [sys.executable, REPO / "bench" / "http_baseline.py", "--port", self.port, "--random-weights", "--device", device, "--dtype", dtype]
+        argv = [
+            sys.executable,
+            REPO / "bench" / "http_baseline.py",
+            "--port",
+            self.port,
+            "--random-weights",
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+        ]
         if threads:
             argv += ["--threads", threads]
         super().__init__(f"http-baseline-{self.port}", argv, workdir)
@@ -355,7 +396,9 @@ def echo_server(endpoints: Sequence[str], image_size: Optional[tuple] = None) ->
             name = "points" if method == P.POINTCLOUD else "depth"
             reply = P.pack({"v": 1, "id": header.get("id"), "ok": True}, {name: array})
         else:
-            reply = [P.packb({"v": 1, "id": header.get("id"), "ok": True, "pad": bytes(int(header.get("reply_bytes", 0)))})]
+            reply = [
+                P.packb({"v": 1, "id": header.get("id"), "ok": True, "pad": bytes(int(header.get("reply_bytes", 0)))})
+            ]
         sock.send_multipart(route + reply, copy=False)
 
 
@@ -365,8 +408,12 @@ class EchoServer(Child):
     def __init__(self, workdir: Path, image_size: Optional[tuple] = None):
         port = free_port_block(1)
         self.endpoints = {"tcp": f"tcp://127.0.0.1:{port}", "ipc": f"ipc://{Path(workdir) / f'echo-{port}.ipc'}"}
-        code = "import sys, json; from bench.common import echo_server; echo_server(sys.argv[2:], json.loads(sys.argv[1]))"
-        super().__init__(f"echo-{port}", [sys.executable, "-c", code, json.dumps(image_size), *self.endpoints.values()], workdir)
+        code = (
+            "import sys, json; from bench.common import echo_server; echo_server(sys.argv[2:], json.loads(sys.argv[1]))"
+        )
+        super().__init__(
+            f"echo-{port}", [sys.executable, "-c", code, json.dumps(image_size), *self.endpoints.values()], workdir
+        )
         self.wait_until(self._ready, 30, "echoing")
 
     def _ready(self) -> bool:
@@ -418,8 +465,12 @@ def machine() -> dict:
 
 def _git_revision() -> Optional[str]:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{rev}{'+dirty' if dirty else ''}" if rev else None
@@ -464,7 +515,9 @@ def goal(text: str, measured: str, met: Optional[bool]) -> dict:
 
 def print_goals(goals: Sequence[dict]) -> None:
     verdict = {True: "met", False: "MISSED", None: "not measured"}
-    print_table("Goals", ["goal", "measured", "verdict"], [(g["goal"], g["measured"], verdict[g["met"]]) for g in goals])
+    print_table(
+        "Goals", ["goal", "measured", "verdict"], [(g["goal"], g["measured"], verdict[g["met"]]) for g in goals]
+    )
 
 
 def pyplot():

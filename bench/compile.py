@@ -29,10 +29,14 @@ RATIO_GOAL = 0.85  # compiled / eager forward time, vits at 518x518 on 2 CPU thr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", default="518x518", help="model input WxH, multiples of 14 (default 518x518)")
-    parser.add_argument("--batch-input", default="224x224", help="model input WxH for the batching comparison (default 224x224)")
+    parser.add_argument(
+        "--batch-input", default="224x224", help="model input WxH for the batching comparison (default 224x224)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--iterations", type=int, default=10, help="timed forward passes per variant (default 10)")
-    parser.add_argument("--mode", default="default", choices=["default", "max-autotune"], help="torch.compile mode (default: default)")
+    parser.add_argument(
+        "--mode", default="default", choices=["default", "max-autotune"], help="torch.compile mode (default: default)"
+    )
     parser.add_argument("--encoder", default="vits")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute precision (default fp32)")
     parser.add_argument("--no-batching", action="store_true", help="skip part 2 (the batch padding comparison)")
@@ -57,7 +61,9 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.quick:
         args.input, args.batch_input, args.iterations = "56x56", "56x56", 3
-    engine = Engine(device="cpu", dtype=args.dtype, random_weights=True, threads=args.threads)  # eager; channels-last like a served model
+    engine = Engine(
+        device="cpu", dtype=args.dtype, random_weights=True, threads=args.threads
+    )  # eager; channels-last like a served model
     model = engine.model(args.encoder, "hypersim")
     graphs = CompiledGraphs(args.mode, engine.device, max_graphs=4)
 
@@ -74,7 +80,10 @@ def run(args: argparse.Namespace) -> dict:
         call()
         return (time.perf_counter() - start) * 1000.0
 
-    rows, results = [], {"threads": torch.get_num_threads(), "mode": args.mode, "encoder": args.encoder, "dtype": args.dtype}
+    rows, results = (
+        [],
+        {"threads": torch.get_num_threads(), "mode": args.mode, "encoder": args.encoder, "dtype": args.dtype},
+    )
     with torch.inference_mode():
         width, height = parse_size(args.input)
         eager, compiled = forward(width, height, 1), forward(width, height, 1, graph_batch=1)
@@ -83,31 +92,57 @@ def run(args: argparse.Namespace) -> dict:
         progress(f"timing eager and compiled, {args.iterations} rounds")
         ms = _median_ms({"eager": eager, "compiled": compiled}, args.iterations)
         ratio = ms["compiled"] / ms["eager"]
-        results["single"] = {"input": [height, width], "eager_ms": round(ms["eager"], 2), "compiled_ms": round(ms["compiled"], 2),
-                             "ratio": round(ratio, 3), "build_s": round(build_ms / 1000, 1), "compile_failed": graphs.failure}
+        results["single"] = {
+            "input": [height, width],
+            "eager_ms": round(ms["eager"], 2),
+            "compiled_ms": round(ms["compiled"], 2),
+            "ratio": round(ratio, 3),
+            "build_s": round(build_ms / 1000, 1),
+            "compile_failed": graphs.failure,
+        }
         rows.append((f"{args.encoder} {width}x{height} batch 1", ms["eager"], ms["compiled"], ratio, build_ms / 1000))
 
         if not args.no_batching:
             width, height = parse_size(args.batch_input)
-            variants = {"eager batch 3": forward(width, height, 3), "graph for 3": forward(width, height, 3, graph_batch=3),
-                        "padded to 4": forward(width, height, 3, graph_batch=4)}
+            variants = {
+                "eager batch 3": forward(width, height, 3),
+                "graph for 3": forward(width, height, 3, graph_batch=3),
+                "padded to 4": forward(width, height, 3, graph_batch=4),
+            }
             builds = {}
             for name in ("graph for 3", "padded to 4"):
                 progress(f"building the {width}x{height} {name} graph")
                 builds[name] = build(variants[name])
             ms = _median_ms(variants, args.iterations)
-            results["batch3"] = {"input": [height, width], **{name.replace(" ", "_"): round(v, 2) for name, v in ms.items()},
-                                 **{f"build_s_{name.replace(' ', '_')}": round(v / 1000, 1) for name, v in builds.items()}}
+            results["batch3"] = {
+                "input": [height, width],
+                **{name.replace(" ", "_"): round(v, 2) for name, v in ms.items()},
+                **{f"build_s_{name.replace(' ', '_')}": round(v / 1000, 1) for name, v in builds.items()},
+            }
             for name in ("graph for 3", "padded to 4"):
-                rows.append((f"{args.encoder} {width}x{height} batch 3, {name}", ms["eager batch 3"], ms[name],
-                             ms[name] / ms["eager batch 3"], builds[name] / 1000))
+                rows.append(
+                    (
+                        f"{args.encoder} {width}x{height} batch 3, {name}",
+                        ms["eager batch 3"],
+                        ms[name],
+                        ms[name] / ms["eager batch 3"],
+                        builds[name] / 1000,
+                    )
+                )
 
-    print_table(f"Compiled ({args.mode}) vs eager, {results['threads']} CPU threads, {args.dtype}, median ms per forward pass",
-                ["case", "eager ms", "compiled ms", "compiled / eager", "build s"], rows)
+    print_table(
+        f"Compiled ({args.mode}) vs eager, {results['threads']} CPU threads, {args.dtype}, median ms per forward pass",
+        ["case", "eager ms", "compiled ms", "compiled / eager", "build s"],
+        rows,
+    )
     single = results["single"]
-    goals = [goal(f"CPU, {results['threads']} threads, {args.encoder} {args.dtype} at {args.input}: compiled <= {RATIO_GOAL}x eager",
-                  f"{single['ratio']:.2f}x ({single['compiled_ms']:.0f} vs {single['eager_ms']:.0f} ms)",
-                  None if args.quick or graphs.failure else single["ratio"] <= RATIO_GOAL)]
+    goals = [
+        goal(
+            f"CPU, {results['threads']} threads, {args.encoder} {args.dtype} at {args.input}: compiled <= {RATIO_GOAL}x eager",
+            f"{single['ratio']:.2f}x ({single['compiled_ms']:.0f} vs {single['eager_ms']:.0f} ms)",
+            None if args.quick or graphs.failure else single["ratio"] <= RATIO_GOAL,
+        )
+    ]
     print_goals(goals)
     write_results(args.out_dir, f"compile-{args.dtype}", {**results, "goals": goals})
     return {"goals": goals}

@@ -60,7 +60,9 @@ def model_depth(input_size: int) -> np.ndarray:
 
     engine = Engine(device="cpu", random_weights=True, threads=2)
     frame = sample_image(WIDTH, HEIGHT)
-    header = P.request_header(P.METRIC_DEPTH, image={"frame": 1, "format": "raw", "shape": list(frame.shape)}, input_size=input_size)
+    header = P.request_header(
+        P.METRIC_DEPTH, image={"frame": 1, "format": "raw", "shape": list(frame.shape)}, input_size=input_size
+    )
     request = parse_predict(header, [b"", frame.tobytes()])
     return np.asarray(engine.run([request], [frame])[0].arrays["depth"], dtype=np.float32)
 
@@ -104,7 +106,11 @@ def wire_forms(depth: np.ndarray) -> dict:
 
         return encode, decode
 
-    forms = {f"{dtype} {compression}": shipped(dtype, compression) for dtype in P.OUTPUT_DTYPES for compression in P.COMPRESSIONS}
+    forms = {
+        f"{dtype} {compression}": shipped(dtype, compression)
+        for dtype in P.OUTPUT_DTYPES
+        for compression in P.COMPRESSIONS
+    }
     forms["uint16 zstd-1, no filter"] = raw_zstd(1, delta=False)
     for level in LEVELS[1:]:
         forms[f"uint16 delta_row zstd-{level}"] = raw_zstd(level, delta=True)
@@ -134,15 +140,34 @@ def run(args: argparse.Namespace) -> dict:
             size = payload_bytes(payload)
             error = float(np.abs(decode(payload) - depth).max())
             encode_ms, decode_ms = median_ms(encode, rounds), median_ms(lambda: decode(payload), rounds)
-            rows.append({"scene": scene, "form": form, "bytes": size, "ratio": baseline / size, "max_error_m": error,
-                         "encode_ms": encode_ms, "decode_ms": decode_ms})
-            table.append((scene, form, f"{size:,}", f"{baseline / size:.1f}x", f"{error * 1000:.2f}", encode_ms, decode_ms))
-    print_table("Reply bytes and codec time, 640x480 depth, one core", ["scene", "form", "bytes", "vs float32", "max error (mm)", "encode ms", "decode ms"], table)
+            rows.append(
+                {
+                    "scene": scene,
+                    "form": form,
+                    "bytes": size,
+                    "ratio": baseline / size,
+                    "max_error_m": error,
+                    "encode_ms": encode_ms,
+                    "decode_ms": decode_ms,
+                }
+            )
+            table.append(
+                (scene, form, f"{size:,}", f"{baseline / size:.1f}x", f"{error * 1000:.2f}", encode_ms, decode_ms)
+            )
+    print_table(
+        "Reply bytes and codec time, 640x480 depth, one core",
+        ["scene", "form", "bytes", "vs float32", "max error (mm)", "encode ms", "decode ms"],
+        table,
+    )
     depth = scenes["smooth room"]
     K = intrinsics_for(WIDTH, HEIGHT)
     unproject_ms = median_ms(lambda: unproject(depth, K), rounds)
     print(f"local back-projection of {WIDTH}x{HEIGHT} depth (zdepth.geometry.unproject): {unproject_ms:.2f} ms\n")
-    write_results(args.out_dir, "compression", {"rows": rows, "unproject_ms": unproject_ms, "rounds": rounds, "zstd_level": P.ZSTD_LEVEL})
+    write_results(
+        args.out_dir,
+        "compression",
+        {"rows": rows, "unproject_ms": unproject_ms, "rounds": rounds, "zstd_level": P.ZSTD_LEVEL},
+    )
     plot(rows, args.out_dir)
     return {"rows": rows}
 

@@ -22,7 +22,19 @@ from typing import Optional
 import numpy as np
 import zmq.auth
 
-from bench.common import DEFAULT_OUT_DIR, Case, Child, compute_ms, free_port_block, interleave, intrinsics_for, parse_size, print_table, progress, write_results
+from bench.common import (
+    DEFAULT_OUT_DIR,
+    Case,
+    Child,
+    compute_ms,
+    free_port_block,
+    interleave,
+    intrinsics_for,
+    parse_size,
+    print_table,
+    progress,
+    write_results,
+)
 from clients import DepthClient, ServerError, Timeout
 
 
@@ -33,8 +45,24 @@ class Serve(Child):
         port = free_port_block(5)
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.keys = keys
-        argv = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
-                "--random-weights", "--log-level", "WARNING", *flags]
+        argv = [
+            sys.executable,
+            "-m",
+            "zdepth",
+            "serve",
+            "--port",
+            port,
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--random-weights",
+            "--log-level",
+            "WARNING",
+            *flags,
+        ]
         super().__init__(f"{name}-{port}", argv, workdir)
         self.wait_until(self._ready, 180, "serving")
 
@@ -59,18 +87,38 @@ def run(iterations: int, size: tuple, input_size: int, out_dir: Optional[Path]) 
         (root / "clients").mkdir()
         zmq.auth.create_certificates(root / "server", "server")
         zmq.auth.create_certificates(root / "clients", "bench")
-        curve_keys = {"server_key": root / "server" / "server.key", "client_keys": root / "clients" / "bench.key_secret"}
+        curve_keys = {
+            "server_key": root / "server" / "server.key",
+            "client_keys": root / "clients" / "bench.key_secret",
+        }
         progress("starting a plain and a CURVE server")
         plain = Serve(root, "plain", input_size, [], {})
-        curve = Serve(root, "curve", input_size, ["--curve-secret-file", root / "server" / "server.key_secret", "--curve-clients", root / "clients"], curve_keys)
+        curve = Serve(
+            root,
+            "curve",
+            input_size,
+            ["--curve-secret-file", root / "server" / "server.key_secret", "--curve-clients", root / "clients"],
+            curve_keys,
+        )
         try:
             clients = {"plain tcp": plain.client(input_size), "CURVE": curve.client(input_size)}
             cases = []
             for transport, client in clients.items():
-                cases.append(Case(f"health, {transport}", lambda c=client: (c.health(), None)[1], {"call": "health", "transport": transport}))
+                cases.append(
+                    Case(
+                        f"health, {transport}",
+                        lambda c=client: (c.health(), None)[1],
+                        {"call": "health", "transport": transport},
+                    )
+                )
             for transport, client in clients.items():
-                cases.append(Case(f"pointcloud {width}x{height}, {transport}", lambda c=client: compute_ms(c.pointcloud(image, intrinsics).timing),
-                                  {"call": f"pointcloud {width}x{height}", "transport": transport}))
+                cases.append(
+                    Case(
+                        f"pointcloud {width}x{height}, {transport}",
+                        lambda c=client: compute_ms(c.pointcloud(image, intrinsics).timing),
+                        {"call": f"pointcloud {width}x{height}", "transport": transport},
+                    )
+                )
             rounds = min(10, iterations)
             timed = interleave(cases, rounds, max(1, iterations // rounds), warmup=3, label="curve cost")
             for client in clients.values():
@@ -81,24 +129,57 @@ def run(iterations: int, size: tuple, input_size: int, out_dir: Optional[Path]) 
     summaries = {case.label: {**case.info, **series.summary()} for case, series in timed}
     rows, comparison = [], {}
     for call in dict.fromkeys(case.info["call"] for case, _ in timed):
-        base, enc = (next(s for s in summaries.values() if s["call"] == call and s["transport"] == t) for t in ("plain tcp", "CURVE"))
+        base, enc = (
+            next(s for s in summaries.values() if s["call"] == call and s["transport"] == t)
+            for t in ("plain tcp", "CURVE")
+        )
         added = enc["overhead_p50"] - base["overhead_p50"]
-        comparison[call] = {"plain_overhead_p50_ms": base["overhead_p50"], "curve_overhead_p50_ms": enc["overhead_p50"], "curve_adds_ms": round(added, 3),
-                            "round_trip_ratio": round(enc["rt_p50"] / base["rt_p50"], 2)}
+        comparison[call] = {
+            "plain_overhead_p50_ms": base["overhead_p50"],
+            "curve_overhead_p50_ms": enc["overhead_p50"],
+            "curve_adds_ms": round(added, 3),
+            "round_trip_ratio": round(enc["rt_p50"] / base["rt_p50"], 2),
+        }
         for transport, s in (("plain tcp", base), ("CURVE", enc)):
-            rows.append([call, transport, s["rt_p50"], s["rt_p90"], s["compute_p50"], s["overhead_p50"], added if transport == "CURVE" else None])
-    print_table("CURVE vs plain tcp (ms, medians of interleaved rounds)", ["call", "transport", "round trip p50", "p90", "worker compute p50", "overhead p50", "CURVE adds"], rows)
-    payload = {"iterations": iterations, "size": f"{width}x{height}", "input_size": input_size, "cases": summaries, "comparison": comparison}
+            rows.append(
+                [
+                    call,
+                    transport,
+                    s["rt_p50"],
+                    s["rt_p90"],
+                    s["compute_p50"],
+                    s["overhead_p50"],
+                    added if transport == "CURVE" else None,
+                ]
+            )
+    print_table(
+        "CURVE vs plain tcp (ms, medians of interleaved rounds)",
+        ["call", "transport", "round trip p50", "p90", "worker compute p50", "overhead p50", "CURVE adds"],
+        rows,
+    )
+    payload = {
+        "iterations": iterations,
+        "size": f"{width}x{height}",
+        "input_size": input_size,
+        "cases": summaries,
+        "comparison": comparison,
+    }
     if out_dir is not None:
         write_results(out_dir, "curve_cost", payload)
     return payload
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.curve_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.curve_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iterations", type=int, default=60, help="requests per case (default %(default)s)")
-    parser.add_argument("--size", type=parse_size, default=(640, 480), help="point cloud image size WxH (default 640x480)")
-    parser.add_argument("--input-size", type=int, default=56, help="model input size: small, so compute does not drown the wire")
+    parser.add_argument(
+        "--size", type=parse_size, default=(640, 480), help="point cloud image size WxH (default 640x480)"
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=56, help="model input size: small, so compute does not drown the wire"
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     start = time.monotonic()

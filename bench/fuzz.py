@@ -44,10 +44,38 @@ SETTLE_S = 30.0  # time left for the last replies (some reach a worker)
 MAX_RSS_GROWTH_KB = 64 * 1024
 
 # Values of the wrong type for any field; never None (absent means "use the default").
-WRONG_VALUES: tuple = (True, False, -1, 0, 2**63, -(2**63), 1e308, float("nan"), float("-inf"), "", "x" * 300,
-                       "vits\x00", b"\xff\xfe", [], [1, "a"], {}, {"frame": 1}, [[[[[]]]]])
-HUGE_SHAPES: tuple = ([2**31, 2**31, 3], [2**32, 2**32, 3], [10**6, 10**6, 3], [0, 2**40, 3], [2**63, 1, 3], [65535, 65535, 3],
-                      [1, 1, 3, 1, 1, 1], [-1, 8, 3], [8, 8, 4], [8, 8])
+WRONG_VALUES: tuple = (
+    True,
+    False,
+    -1,
+    0,
+    2**63,
+    -(2**63),
+    1e308,
+    float("nan"),
+    float("-inf"),
+    "",
+    "x" * 300,
+    "vits\x00",
+    b"\xff\xfe",
+    [],
+    [1, "a"],
+    {},
+    {"frame": 1},
+    [[[[[]]]]],
+)
+HUGE_SHAPES: tuple = (
+    [2**31, 2**31, 3],
+    [2**32, 2**32, 3],
+    [10**6, 10**6, 3],
+    [0, 2**40, 3],
+    [2**63, 1, 3],
+    [65535, 65535, 3],
+    [1, 1, 3, 1, 1, 1],
+    [-1, 8, 3],
+    [8, 8, 4],
+    [8, 8],
+)
 
 
 def endpoints_of(server: str) -> dict:
@@ -94,7 +122,12 @@ class Cases:
             return self._bytes(0, 16)
         if kind in (6, 7):
             return [self._value(depth + 1) for _ in range(self.rng.randint(0, 4))]
-        return {self.rng.choice(["v", "method", "id", "key", "image", "frame", "shape", "stream", "x"]): self._value(depth + 1) for _ in range(self.rng.randint(0, 4))}
+        return {
+            self.rng.choice(["v", "method", "id", "key", "image", "frame", "shape", "stream", "x"]): self._value(
+                depth + 1
+            )
+            for _ in range(self.rng.randint(0, 4))
+        }
 
     def _image(self) -> tuple[dict, bytes]:
         h, w = self.rng.randint(1, 8), self.rng.randint(1, 8)
@@ -104,7 +137,9 @@ class Cases:
         """A valid small prediction request (key included), and its image frame."""
         image, pixels = self._image()
         method = self.rng.choice(sorted(P.PREDICT_METHODS))
-        header = P.request_header(method, id=self.rng.randint(0, 10**6), key=self.key, input_size=INPUT_SIZE, image=image, **extra)
+        header = P.request_header(
+            method, id=self.rng.randint(0, 10**6), key=self.key, input_size=INPUT_SIZE, image=image, **extra
+        )
         if method == P.POINTCLOUD:
             header["intrinsics"] = {"fx": 10.0, "fy": 10.0, "cx": 4.0, "cy": 4.0}
         return header, pixels
@@ -114,8 +149,12 @@ class Cases:
         header = dict(header, image=dict(header["image"]))
         for _ in range(self.rng.randint(1, 3)):
             target = header["image"] if self.rng.random() < 0.3 and isinstance(header["image"], dict) else header
-            field_name = self.rng.choice(sorted(target) + ["dtype", "channels", "intrinsics", "max_depth", "encoder", "timeout_ms"])
-            target[field_name] = copy.deepcopy(self.rng.choice(WRONG_VALUES))  # a shared list or map could end up inside itself
+            field_name = self.rng.choice(
+                sorted(target) + ["dtype", "channels", "intrinsics", "max_depth", "encoder", "timeout_ms"]
+            )
+            target[field_name] = copy.deepcopy(
+                self.rng.choice(WRONG_VALUES)
+            )  # a shared list or map could end up inside itself
         return header
 
     def bodies(self, fields: Callable[[], dict]) -> Iterator[tuple[str, list]]:
@@ -123,13 +162,24 @@ class Cases:
         `fields()` gives each case's extra header fields (a stream name, for cameras)."""
         kinds: list[tuple[str, Callable[[dict], list]]] = [
             ("random_frames", lambda extra: [self._bytes(1) for _ in range(self.rng.randint(1, 5))]),
-            ("random_msgpack", lambda extra: [P.packb(self._value())] + [self._bytes() for _ in range(self.rng.randint(0, 2))]),
-            ("random_map", lambda extra: [P.packb({k: self._value() for k in self.rng.sample(sorted(self._header(**extra)[0]), 4)})]),
+            (
+                "random_msgpack",
+                lambda extra: [P.packb(self._value())] + [self._bytes() for _ in range(self.rng.randint(0, 2))],
+            ),
+            (
+                "random_map",
+                lambda extra: [
+                    P.packb({k: self._value() for k in self.rng.sample(sorted(self._header(**extra)[0]), 4)})
+                ],
+            ),
             ("wrong_types", self._wrong_types),
             ("huge_shape", self._huge_shape),
             ("truncated_array", self._truncated),
             ("wrong_order", self._wrong_order),
-            ("too_many_frames", lambda extra: [P.packb(self._header(**extra)[0])] + [b"x"] * self.rng.randint(P.MAX_FRAMES, 40)),
+            (
+                "too_many_frames",
+                lambda extra: [P.packb(self._header(**extra)[0])] + [b"x"] * self.rng.randint(P.MAX_FRAMES, 40),
+            ),
             ("deep_msgpack", lambda extra: [b"\x91" * self.rng.randint(100, 5000) + b"\xc0"]),
             ("bad_image", self._bad_image),
         ]
@@ -164,13 +214,17 @@ class Cases:
         """Encoded images that pass the broker and fail in a worker's decoder."""
         header, _ = self._header(**extra)
         header["image"] = {"frame": 1, "format": self.rng.choice(["jpeg", "png"])}
-        data = self.rng.choice([
-            b"\xff\xd8\xff\xe0" + self._bytes(1, 200),  # JPEG magic, garbage after
-            png_bomb(self.rng.choice([100_000, 1 << 20]), self.rng.choice([100_000, 1 << 20])),  # tiny file, huge declared size
-            b"\x89PNG\r\n\x1a\n" + self._bytes(1, 100),
-            b"GIF89a" + self._bytes(1, 50),
-            self._bytes(1, 200),
-        ])
+        data = self.rng.choice(
+            [
+                b"\xff\xd8\xff\xe0" + self._bytes(1, 200),  # JPEG magic, garbage after
+                png_bomb(
+                    self.rng.choice([100_000, 1 << 20]), self.rng.choice([100_000, 1 << 20])
+                ),  # tiny file, huge declared size
+                b"\x89PNG\r\n\x1a\n" + self._bytes(1, 100),
+                b"GIF89a" + self._bytes(1, 50),
+                self._bytes(1, 200),
+            ]
+        )
         return [P.packb(header), data]
 
     def frontend(self) -> Iterator[tuple[str, list, bool]]:
@@ -186,7 +240,9 @@ class Cases:
 
     def stream(self) -> Iterator[tuple[str, list]]:
         names = [f"fuzz-{i}" for i in range(4)] + ["bad name!", "x" * 100, None]
-        yield from self.bodies(lambda: {"stream": self.rng.choice(names), "seq": self.rng.choice([1, "one", [1], 2**64 - 1, None])})
+        yield from self.bodies(
+            lambda: {"stream": self.rng.choice(names), "seq": self.rng.choice([1, "one", [1], 2**64 - 1, None])}
+        )
 
     def backend(self) -> Iterator[tuple[str, list]]:
         """Frames a fake worker's DEALER sends (the broker's ROUTER adds its identity)."""
@@ -197,16 +253,41 @@ class Cases:
             if kind == 0:
                 yield "random_frames", [self._bytes(0, 16) for _ in range(self.rng.randint(1, 4))]
             elif kind == 1:
-                yield "unknown_command", [tag, self.rng.choice([b"", b"\x00", b"\x09", self._bytes(2, 8)]), self._bytes()]
+                yield (
+                    "unknown_command",
+                    [tag, self.rng.choice([b"", b"\x00", b"\x09", self._bytes(2, 8)]), self._bytes()],
+                )
             elif kind == 2:
-                info = self._value() if self.rng.random() < 0.5 else {"name": self._value(), "models": self._value(), "capacity": self._value(),
-                                                                       "device": self._value(), "pid": self._value(), "random_weights": self._value()}
+                info = (
+                    self._value()
+                    if self.rng.random() < 0.5
+                    else {
+                        "name": self._value(),
+                        "models": self._value(),
+                        "capacity": self._value(),
+                        "device": self._value(),
+                        "pid": self._value(),
+                        "random_weights": self._value(),
+                    }
+                )
                 yield "ready", [tag, P.W_READY, P.packb(info)]
             elif kind == 3:
-                status = {"models": self._value(), "served": self._value()} if self.rng.random() < 0.5 else self._value()
+                status = (
+                    {"models": self._value(), "served": self._value()} if self.rng.random() < 0.5 else self._value()
+                )
                 yield "heartbeat", [tag, P.W_HEARTBEAT, P.packb(status)]
             elif kind == 4:
-                yield "reply", [tag, P.W_REPLY, *[self.rng.choice([P.packb(self._value()), self._bytes()]) for _ in range(self.rng.randint(0, 3))]]
+                yield (
+                    "reply",
+                    [
+                        tag,
+                        P.W_REPLY,
+                        *[
+                            self.rng.choice([P.packb(self._value()), self._bytes()])
+                            for _ in range(self.rng.randint(0, 3))
+                        ],
+                    ],
+                )
             elif kind == 5:
                 yield "garbage_command", [tag, self.rng.choice(commands), self._bytes(1)]
             else:
@@ -214,13 +295,15 @@ class Cases:
 
     def garbage_reply_header(self) -> bytes:
         """What a broken worker might answer a real request with."""
-        return self.rng.choice([
-            P.packb({"ok": False, "error": self._value()}),
-            P.packb({"ok": False, "error": {"code": self._value(), "message": self._value()}}),
-            P.packb(self._value()),
-            self._bytes(),
-            P.packb({"v": 1, "ok": True, "arrays": self._value()}),
-        ])
+        return self.rng.choice(
+            [
+                P.packb({"ok": False, "error": self._value()}),
+                P.packb({"ok": False, "error": {"code": self._value(), "message": self._value()}}),
+                P.packb(self._value()),
+                self._bytes(),
+                P.packb({"v": 1, "ok": True, "arrays": self._value()}),
+            ]
+        )
 
 
 def png_bomb(width: int, height: int) -> bytes:
@@ -231,7 +314,9 @@ def png_bomb(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -386,7 +471,10 @@ class Fuzzer:
 
     def frontend(self, count: int, until: float) -> None:
         report = self.report
-        answerable, unanswerable = Peer(zmq.DEALER, self.endpoints["frontend"]), Peer(zmq.DEALER, self.endpoints["frontend"])
+        answerable, unanswerable = (
+            Peer(zmq.DEALER, self.endpoints["frontend"]),
+            Peer(zmq.DEALER, self.endpoints["frontend"]),
+        )
         outstanding = 0
         cases = self.cases.frontend()
         try:
@@ -480,7 +568,9 @@ class Fuzzer:
                 if client.recv(100) is not None:
                     answered += 1
             if answered < sent_requests:
-                self.report.problems.append(f"{sent_requests - answered} of {sent_requests} requests sent during the backend phase got no reply")
+                self.report.problems.append(
+                    f"{sent_requests - answered} of {sent_requests} requests sent during the backend phase got no reply"
+                )
         finally:
             fake.close()
             client.close()
@@ -505,7 +595,9 @@ class Fuzzer:
             report.problems.append("the broker stopped answering health")
         missing = report.answerable - report.replies
         if missing:
-            report.problems.append(f"{missing} answerable frontend messages got no reply" if missing > 0 else f"{-missing} extra replies")
+            report.problems.append(
+                f"{missing} answerable frontend messages got no reply" if missing > 0 else f"{-missing} extra replies"
+            )
         if report.unexpected_replies:
             report.problems.append(f"{report.unexpected_replies} replies to messages without a delimiter")
         if report.internal_errors:
@@ -513,7 +605,9 @@ class Fuzzer:
         if report.stream_counted != report.stream_sent:
             report.problems.append(f"the broker counted {report.stream_counted} of {report.stream_sent} stream frames")
         if report.worker_pids_after != report.worker_pids_before:
-            report.problems.append(f"workers changed (crashed and restarted?): {report.worker_pids_before} -> {report.worker_pids_after}")
+            report.problems.append(
+                f"workers changed (crashed and restarted?): {report.worker_pids_before} -> {report.worker_pids_after}"
+            )
         if not report.serving_after:
             report.problems.append("a real request failed after fuzzing")
         if report.rss_after_kb - report.rss_before_kb > MAX_RSS_GROWTH_KB:
@@ -526,11 +620,17 @@ def run_fuzz(server: str, count: int, seconds: float, key: Optional[str] = None,
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", help="tcp://HOST:PORT of a running server; default: start `zdepth serve --random-weights`")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fuzz", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--server", help="tcp://HOST:PORT of a running server; default: start `zdepth serve --random-weights`"
+    )
     parser.add_argument("--key", help="an API key of that server (needed for stats when it requires auth)")
     parser.add_argument("--count", type=int, default=20_000, help="cases to send (default %(default)s)")
-    parser.add_argument("--seconds", type=float, default=300.0, help="stop sending after this long (default %(default)s)")
+    parser.add_argument(
+        "--seconds", type=float, default=300.0, help="stop sending after this long (default %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.server:
@@ -540,8 +640,25 @@ def main(argv: Optional[list] = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="zdepth-fuzz-") as tmp:
             port = free_port_block(5)
-            argv_serve = [sys.executable, "-m", "zdepth", "serve", "--port", port, "--device", "cpu", "--workers", "1", "--threads", "1",
-                          "--random-weights", "--log-level", "ERROR", "--backend-host", "127.0.0.1"]  # a TCP worker port for the fake worker
+            argv_serve = [
+                sys.executable,
+                "-m",
+                "zdepth",
+                "serve",
+                "--port",
+                port,
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+                "--random-weights",
+                "--log-level",
+                "ERROR",
+                "--backend-host",
+                "127.0.0.1",
+            ]  # a TCP worker port for the fake worker
             with Child(f"zdepth-serve-{port}", argv_serve, Path(tmp)) as server:
                 endpoint = f"tcp://127.0.0.1:{port}"
                 server.wait_until(lambda: bool((Fuzzer(endpoint).health() or {}).get("workers")), 120, "serving")

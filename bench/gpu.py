@@ -64,8 +64,19 @@ def bench_model(encoders, batches, iterations: int) -> list:
                 x = torch.randn(batch, 3, 518, 518, device="cuda", dtype=dtype)
                 with torch.inference_mode():
                     ms = median_ms(lambda: model(x), iterations, warmup=3)
-                rows.append({"encoder": encoder, "dtype": dtype_name, "batch": batch, "ms_per_batch": round(ms, 3), "ms_per_image": round(ms / batch, 3)})
-                print(f"model {encoder} {dtype_name:5s} batch {batch}: {ms:8.2f} ms/batch {ms / batch:8.2f} ms/image", flush=True)
+                rows.append(
+                    {
+                        "encoder": encoder,
+                        "dtype": dtype_name,
+                        "batch": batch,
+                        "ms_per_batch": round(ms, 3),
+                        "ms_per_image": round(ms / batch, 3),
+                    }
+                )
+                print(
+                    f"model {encoder} {dtype_name:5s} batch {batch}: {ms:8.2f} ms/batch {ms / batch:8.2f} ms/image",
+                    flush=True,
+                )
         base = model = None  # freed before the next encoder's model
         torch.cuda.empty_cache()
     return rows
@@ -86,7 +97,11 @@ def bench_engine(iterations: int) -> list:
                 result = engine.predict(method, frame, **fields)
                 if i >= 3:
                     timings.append(result.timing)
-            row = {"dtype": dtype_name, "method": method, **{k: round(statistics.median(t[k] for t in timings), 3) for k in timings[0]}}
+            row = {
+                "dtype": dtype_name,
+                "method": method,
+                **{k: round(statistics.median(t[k] for t in timings), 3) for k in timings[0]},
+            }
             rows.append(row)
             print("engine", row, flush=True)
     return rows
@@ -95,11 +110,23 @@ def bench_engine(iterations: int) -> list:
 def compiled_cases(quick: bool) -> list:
     """(encoder, dtype, (height, width), batch) in order of importance: the goals' rows first."""
     square, frame = (518, 518), (518, 686)
-    first = [("vits", "fp16", square, 1), ("vitl", "fp16", square, 1), ("vits", "bf16", square, 1), ("vits", "fp16", frame, 1),
-             ("vits", "fp16", square, 4), ("vits", "fp16", square, 8)]
+    first = [
+        ("vits", "fp16", square, 1),
+        ("vitl", "fp16", square, 1),
+        ("vits", "bf16", square, 1),
+        ("vits", "fp16", frame, 1),
+        ("vits", "fp16", square, 4),
+        ("vits", "fp16", square, 8),
+    ]
     if quick:
         return first[:1]
-    rest = [(e, d, s, b) for e in ("vits", "vitb", "vitl") for d in ("fp16", "bf16") for s in (square, frame) for b in (1, 4, 8)]
+    rest = [
+        (e, d, s, b)
+        for e in ("vits", "vitb", "vitl")
+        for d in ("fp16", "bf16")
+        for s in (square, frame)
+        for b in (1, 4, 8)
+    ]
     return first + [case for case in rest if case not in first]
 
 
@@ -113,13 +140,23 @@ def bench_compiled(cases: list, mode: str, iterations: int, budget_s: float) -> 
     rows, models = [], {}
     for encoder, dtype_name, shape, batch in cases:
         if time.monotonic() - started > budget_s:
-            rows.append({"encoder": encoder, "dtype": dtype_name, "shape": list(shape), "batch": batch, "skipped": f"over the {budget_s:.0f} s budget"})
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "dtype": dtype_name,
+                    "shape": list(shape),
+                    "batch": batch,
+                    "skipped": f"over the {budget_s:.0f} s budget",
+                }
+            )
             continue
         key = (encoder, dtype_name)
         if key not in models:
             models.clear()  # one model on the GPU at a time
             torch.cuda.empty_cache()
-            models[key] = random_init_(DepthAnythingV2(encoder, metric=True), seed=0).eval().to("cuda", DTYPES[dtype_name])
+            models[key] = (
+                random_init_(DepthAnythingV2(encoder, metric=True), seed=0).eval().to("cuda", DTYPES[dtype_name])
+            )
         model = models[key]
         graphs = CompiledGraphs(mode, torch.device("cuda"), max_graphs=1)
         graph_key = GraphKey(encoder, "hypersim", shape, batch, dtype_name)
@@ -131,9 +168,18 @@ def bench_compiled(cases: list, mode: str, iterations: int, budget_s: float) -> 
             build_s = time.perf_counter() - build_start
             eager_ms = median_ms(lambda: model(x), iterations, warmup=3)
             compiled_ms = median_ms(lambda: graphs.run(graph_key, model, x), iterations, warmup=3)
-        row = {"encoder": encoder, "dtype": dtype_name, "shape": list(shape), "batch": batch, "mode": mode,
-               "eager_ms_per_image": round(eager_ms / batch, 3), "compiled_ms_per_image": round(compiled_ms / batch, 3),
-               "ratio": round(compiled_ms / eager_ms, 3), "build_s": round(build_s, 1), "compile_failed": graphs.failure}
+        row = {
+            "encoder": encoder,
+            "dtype": dtype_name,
+            "shape": list(shape),
+            "batch": batch,
+            "mode": mode,
+            "eager_ms_per_image": round(eager_ms / batch, 3),
+            "compiled_ms_per_image": round(compiled_ms / batch, 3),
+            "ratio": round(compiled_ms / eager_ms, 3),
+            "build_s": round(build_s, 1),
+            "compile_failed": graphs.failure,
+        }
         rows.append(row)
         print("compiled", row, flush=True)
     models.clear()
@@ -144,8 +190,8 @@ def bench_compiled(cases: list, mode: str, iterations: int, budget_s: float) -> 
 def bench_served_compiled(iterations: int, mode: str) -> dict:
     """640x480 JPEG -> metric depth (the client's default form) through `zdepth serve --compile`."""
     try:
-        from clients import DepthClient
         from bench.common import ZdepthServer, compute_ms, percentile, sample_jpeg, workdir
+        from clients import DepthClient
     except ImportError as exc:
         return {"skipped": f"{exc}"}
     jpeg = sample_jpeg(640, 480)
@@ -169,10 +215,17 @@ def bench_served_compiled(iterations: int, mode: str) -> dict:
                     round_trips.append(elapsed)
                     computes.append(compute_ms(result.timing))
     overhead = [rt - c for rt, c in zip(round_trips, computes)]
-    row = {"mode": mode, "dtype": "fp16", "warm_up_s": warm_up_s, "replies_that_compiled": compiled_now,
-           "round_trip_p50_ms": round(percentile(round_trips, 50), 3), "round_trip_p90_ms": round(percentile(round_trips, 90), 3),
-           "worker_compute_p50_ms": round(percentile(computes, 50), 3), "client_broker_wire_p50_ms": round(percentile(overhead, 50), 3),
-           "n": len(round_trips)}
+    row = {
+        "mode": mode,
+        "dtype": "fp16",
+        "warm_up_s": warm_up_s,
+        "replies_that_compiled": compiled_now,
+        "round_trip_p50_ms": round(percentile(round_trips, 50), 3),
+        "round_trip_p90_ms": round(percentile(round_trips, 90), 3),
+        "worker_compute_p50_ms": round(percentile(computes, 50), 3),
+        "client_broker_wire_p50_ms": round(percentile(overhead, 50), 3),
+        "n": len(round_trips),
+    }
     print("served compiled", row, flush=True)
     return row
 
@@ -192,7 +245,11 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/gpu.json")
     parser.add_argument("--quick", action="store_true", help="vits only, few iterations")
     parser.add_argument("--skip-served", action="store_true")
-    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode for parts 4 and 5 (default: reduce-overhead)")
+    parser.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        help="torch.compile mode for parts 4 and 5 (default: reduce-overhead)",
+    )
     parser.add_argument("--compile-budget-s", type=float, default=90.0, help="seconds for part 4's rows (default: 90)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -208,7 +265,10 @@ def main() -> int:
     # limit keeps what it measured.
     parts = [
         ("model", lambda: bench_model(encoders, [1, 8], iterations)),
-        ("compiled", lambda: bench_compiled(compiled_cases(args.quick), args.compile_mode, iterations, args.compile_budget_s)),
+        (
+            "compiled",
+            lambda: bench_compiled(compiled_cases(args.quick), args.compile_mode, iterations, args.compile_budget_s),
+        ),
         ("served_compiled", lambda: bench_served_compiled(max(50, iterations), args.compile_mode)),
         ("engine", lambda: bench_engine(iterations)),
         ("served", lambda: bench_served(max(20, iterations))),

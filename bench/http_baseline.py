@@ -84,8 +84,15 @@ def build_app(engine):
 
     def json_predict(method: str, body: DepthRequest) -> dict:
         intrinsics = body.camera_intrinsics.model_dump() if body.camera_intrinsics else None
-        result, timing = predict(method, base64.b64decode(body.image), intrinsics=intrinsics, max_depth=body.max_depth,
-                                 encoder=body.encoder, dataset=body.dataset, input_size=body.model_input_size)
+        result, timing = predict(
+            method,
+            base64.b64decode(body.image),
+            intrinsics=intrinsics,
+            max_depth=body.max_depth,
+            encoder=body.encoder,
+            dataset=body.dataset,
+            input_size=body.model_input_size,
+        )
         if method == "pointcloud":
             points = result.arrays["points"]
             return {"pointcloud": base64.b64encode(points).decode(), "shape": list(points.shape), "timing": timing}
@@ -93,8 +100,13 @@ def build_app(engine):
         span = result.max - result.min
         scaled = (depth - result.min) * (255.0 / span if span > 0 else 0.0)
         png = encode_png(np.clip(scaled, 0, 255).astype(np.uint8))
-        return {"depth_map": "data:image/png;base64," + base64.b64encode(png).decode(), "shape": list(depth.shape),
-                "min": result.min, "max": result.max, "timing": timing}
+        return {
+            "depth_map": "data:image/png;base64," + base64.b64encode(png).decode(),
+            "shape": list(depth.shape),
+            "min": result.min,
+            "max": result.max,
+            "timing": timing,
+        }
 
     @app.get("/health")
     async def health() -> dict:
@@ -113,16 +125,33 @@ def build_app(engine):
         return json_predict("rel_depth", body)
 
     @app.post("/bin/{method}")
-    async def binary(method: str, request: Request, input_size: int = 518, max_depth: Optional[float] = None,
-                     fx: Optional[float] = None, fy: Optional[float] = None, cx: Optional[float] = None, cy: Optional[float] = None) -> Response:
+    async def binary(
+        method: str,
+        request: Request,
+        input_size: int = 518,
+        max_depth: Optional[float] = None,
+        fx: Optional[float] = None,
+        fy: Optional[float] = None,
+        cx: Optional[float] = None,
+        cy: Optional[float] = None,
+    ) -> Response:
         if method not in ROUTES:
             raise HTTPException(404, f"unknown method {method!r}")
         intrinsics = {"fx": fx, "fy": fy, "cx": cx, "cy": cy} if fx is not None else None
-        result, timing = predict(method, await request.body(), intrinsics=intrinsics, max_depth=max_depth, input_size=input_size)
+        result, timing = predict(
+            method, await request.body(), intrinsics=intrinsics, max_depth=max_depth, input_size=input_size
+        )
         array = next(iter(result.arrays.values()))
-        headers = {"X-Dtype": array.dtype.name, "X-Shape": ",".join(map(str, array.shape)), "X-Timing": json.dumps(timing),
-                   "X-Min": repr(result.min), "X-Max": repr(result.max)}
-        return Response(memoryview(np.ascontiguousarray(array)).cast("B"), media_type="application/octet-stream", headers=headers)
+        headers = {
+            "X-Dtype": array.dtype.name,
+            "X-Shape": ",".join(map(str, array.shape)),
+            "X-Timing": json.dumps(timing),
+            "X-Min": repr(result.min),
+            "X-Max": repr(result.max),
+        }
+        return Response(
+            memoryview(np.ascontiguousarray(array)).cast("B"), media_type="application/octet-stream", headers=headers
+        )
 
     return app
 
@@ -139,7 +168,13 @@ def main(argv=None) -> int:
 
     from zdepth.engine import Engine
 
-    engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, dtype=args.dtype, random_weights=args.random_weights, threads=args.threads)
+    engine = Engine(
+        checkpoint_dir=args.checkpoint_dir,
+        device=args.device,
+        dtype=args.dtype,
+        random_weights=args.random_weights,
+        threads=args.threads,
+    )
     uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
     return 0
 
@@ -155,9 +190,16 @@ class JsonClient:
 
         self.http = httpx.Client(base_url=f"http://{host}:{port}", timeout=120.0)
 
-    def call(self, method: str, jpeg: bytes, intrinsics: dict, input_size: int, max_depth: Optional[float] = None) -> tuple:
+    def call(
+        self, method: str, jpeg: bytes, intrinsics: dict, input_size: int, max_depth: Optional[float] = None
+    ) -> tuple:
         """One request -> (float32 array in the caller's hands, the server's compute ms)."""
-        body = {"image": base64.b64encode(jpeg).decode(), "camera_intrinsics": intrinsics, "max_depth": max_depth, "model_input_size": input_size}
+        body = {
+            "image": base64.b64encode(jpeg).decode(),
+            "camera_intrinsics": intrinsics,
+            "max_depth": max_depth,
+            "model_input_size": input_size,
+        }
         response = self.http.post(ROUTES[method], json=body)
         response.raise_for_status()
         data = response.json()
@@ -186,10 +228,18 @@ class BinaryClient:
     def __init__(self, port: int, host: str = "127.0.0.1"):
         self.connection = http.client.HTTPConnection(host, port, timeout=120.0)
 
-    def call(self, method: str, jpeg: bytes, intrinsics: dict, input_size: int, max_depth: Optional[float] = None) -> tuple:
+    def call(
+        self, method: str, jpeg: bytes, intrinsics: dict, input_size: int, max_depth: Optional[float] = None
+    ) -> tuple:
         """One request -> (array in the caller's hands, the server's compute ms)."""
-        query = {"input_size": input_size, **({"max_depth": max_depth} if max_depth else {}), **(intrinsics if method == "pointcloud" else {})}
-        self.connection.request("POST", f"/bin/{method}?{urlencode(query)}", body=jpeg, headers={"Content-Type": "image/jpeg"})
+        query = {
+            "input_size": input_size,
+            **({"max_depth": max_depth} if max_depth else {}),
+            **(intrinsics if method == "pointcloud" else {}),
+        }
+        self.connection.request(
+            "POST", f"/bin/{method}?{urlencode(query)}", body=jpeg, headers={"Content-Type": "image/jpeg"}
+        )
         response = self.connection.getresponse()
         body = response.read()
         if response.status != 200:

@@ -24,8 +24,6 @@ import msgpack
 import numpy as np
 import zmq
 
-from clients import DepthClient
-
 from bench.common import (
     Case,
     EchoServer,
@@ -39,12 +37,13 @@ from bench.common import (
     print_table,
     progress,
     pyplot,
+    sample_jpeg,
     save_figure,
     split_iterations,
-    sample_jpeg,
     workdir,
     write_results,
 )
+from clients import DepthClient
 
 PREDICT_METHODS = ("metric_depth", "rel_depth", "pointcloud")
 # Options the issue asks to measure as rows of their own, not to assume.
@@ -90,7 +89,9 @@ def reply_bytes(method: str, width: int, height: int, variant: Optional[str] = N
     return values * (2 if variant in ("float16", "compact") else 4)  # compact: before zstd
 
 
-def zdepth_case(client, transport: str, method: str, size: tuple, jpeg: bytes, input_size: int, variant: Optional[str] = None) -> Case:
+def zdepth_case(
+    client, transport: str, method: str, size: tuple, jpeg: bytes, input_size: int, variant: Optional[str] = None
+) -> Case:
     """One zdepth request through the real `DepthClient`, returning the worker's compute."""
     width, height = size
     intrinsics = intrinsics_for(width, height)
@@ -98,22 +99,33 @@ def zdepth_case(client, transport: str, method: str, size: tuple, jpeg: bytes, i
     if variant == "float16":
         options["output_dtype"] = "float16"
     if method == "health":
+
         def call():
             client.health()
             return None
     elif method == "pointcloud":
+
         def call():
             return compute_ms(client.pointcloud(jpeg, intrinsics, server_side=variant != "compact", **options).timing)
     elif method == "metric_depth":
+
         def call():
             return compute_ms(client.metric_depth(jpeg, **options).timing)
     else:
+
         def call():
             return compute_ms(client.relative_depth(jpeg, **options).timing)
+
     image = "" if method == "health" else f"{width}x{height}"
     label = " ".join(filter(None, ["zdepth", transport, image, method, variant]))
-    info = {"path": "zdepth", "transport": transport, "image": image, "method": method, "variant": variant,
-            "reply_bytes": reply_bytes(method, width, height, variant)}
+    info = {
+        "path": "zdepth",
+        "transport": transport,
+        "image": image,
+        "method": method,
+        "variant": variant,
+        "reply_bytes": reply_bytes(method, width, height, variant),
+    }
     return Case(label, call, info)
 
 
@@ -128,8 +140,14 @@ def floor_case(bare: BareClient, transport: str, size: tuple, jpeg: bytes, metho
         np.frombuffer(frames[1].buffer, np.float32).reshape(shape)
         return None
 
-    info = {"path": "floor", "transport": transport, "image": f"{width}x{height}", "method": method, "variant": None,
-            "reply_bytes": reply_bytes(method, width, height)}
+    info = {
+        "path": "floor",
+        "transport": transport,
+        "image": f"{width}x{height}",
+        "method": method,
+        "variant": None,
+        "reply_bytes": reply_bytes(method, width, height),
+    }
     return Case(f"floor {transport} {width}x{height} {method}-sized reply", call, info)
 
 
@@ -137,7 +155,9 @@ def rows_of(results: list) -> list:
     """[(case, series)] -> result rows (with their raw samples, for plots and later analysis); each
     row also gets its overhead over the floor of the same transport, image and reply size, where
     that floor was measured."""
-    rows = [{"label": case.label, **case.info, **series.summary(), "samples": series.samples()} for case, series in results]
+    rows = [
+        {"label": case.label, **case.info, **series.summary(), "samples": series.samples()} for case, series in results
+    ]
     floors = {(r["transport"], r["image"], r["reply_bytes"]): r["rt_p50"] for r in rows if r["path"] == "floor"}
     for r in rows:
         floor = floors.get((r["transport"], r["image"], r["reply_bytes"]))
@@ -147,9 +167,33 @@ def rows_of(results: list) -> list:
 
 
 def print_rows(title: str, rows: list) -> str:
-    columns = ["configuration", "reply MB", "rt p50", "rt p90", "rt p99", "compute p50", "overhead p50", "overhead p90", "overhead p99", "overhead / floor"]
-    table = [(r["label"], round(r["reply_bytes"] / 1e6, 2), r["rt_p50"], r["rt_p90"], r["rt_p99"], r["compute_p50"],
-              r["overhead_p50"], r["overhead_p90"], r["overhead_p99"], r.get("overhead_vs_floor")) for r in rows]
+    columns = [
+        "configuration",
+        "reply MB",
+        "rt p50",
+        "rt p90",
+        "rt p99",
+        "compute p50",
+        "overhead p50",
+        "overhead p90",
+        "overhead p99",
+        "overhead / floor",
+    ]
+    table = [
+        (
+            r["label"],
+            round(r["reply_bytes"] / 1e6, 2),
+            r["rt_p50"],
+            r["rt_p90"],
+            r["rt_p99"],
+            r["compute_p50"],
+            r["overhead_p50"],
+            r["overhead_p90"],
+            r["overhead_p99"],
+            r.get("overhead_vs_floor"),
+        )
+        for r in rows
+    ]
     return print_table(f"{title} (ms)", columns, table)
 
 
@@ -157,7 +201,11 @@ def client_only_case(client, transport: str, size: tuple, jpeg: bytes, input_siz
     """`DepthClient` asking the echo for a point cloud: zdepth's client and one hop of the wire,
     without the broker, the worker and the second hop."""
     case = zdepth_case(client, transport, "pointcloud", size, jpeg, input_size)
-    return Case(f"DepthClient {transport} -> echo {size[0]}x{size[1]} pointcloud (no broker, no worker)", case.call, {**case.info, "path": "client"})
+    return Case(
+        f"DepthClient {transport} -> echo {size[0]}x{size[1]} pointcloud (no broker, no worker)",
+        case.call,
+        {**case.info, "path": "client"},
+    )
 
 
 def small_case(bare: BareClient, path: str, transport: str, size_bytes: int) -> Case:
@@ -169,7 +217,11 @@ def small_case(bare: BareClient, path: str, transport: str, size_bytes: int) -> 
         return None
 
     info = {"path": path, "transport": transport, "image": "", "method": "health", "variant": None, "reply_bytes": 0}
-    label = f"health through the broker, {transport}" if path == "broker" else f"floor {transport}: echo of a {size_bytes} B reply"
+    label = (
+        f"health through the broker, {transport}"
+        if path == "broker"
+        else f"floor {transport}: echo of a {size_bytes} B reply"
+    )
     return Case(label, call, info)
 
 
@@ -181,7 +233,9 @@ class Connections:
     TRANSPORTS = ("tcp", "ipc")
 
     def __init__(self, server: ZdepthServer, echo: EchoServer):
-        self.zdepth = {t: DepthClient(server.endpoint if t == "tcp" else server.ipc, timeout=120.0) for t in self.TRANSPORTS}
+        self.zdepth = {
+            t: DepthClient(server.endpoint if t == "tcp" else server.ipc, timeout=120.0) for t in self.TRANSPORTS
+        }
         self.client_only = {t: DepthClient(echo.endpoints[t], timeout=120.0) for t in self.TRANSPORTS}
         self.broker = {t: BareClient(server.endpoint if t == "tcp" else server.ipc) for t in self.TRANSPORTS}
         self.floor = {t: BareClient(echo.endpoints[t]) for t in self.TRANSPORTS}
@@ -205,7 +259,14 @@ class Connections:
 
 
 def find(rows: list, path: str, method: str, transport: str = "tcp", variant=None) -> Optional[dict]:
-    return next((r for r in rows if r["path"] == path and r["method"] == method and r["transport"] == transport and r["variant"] == variant), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["path"] == path and r["method"] == method and r["transport"] == transport and r["variant"] == variant
+        ),
+        None,
+    )
 
 
 def print_breakdown(rows: list) -> str:
@@ -214,10 +275,29 @@ def print_breakdown(rows: list) -> str:
     of the payload add on top."""
     table = []
     for t in Connections.TRANSPORTS:
-        floor, client, zdepth = find(rows, "floor", "pointcloud", t), find(rows, "client", "pointcloud", t), find(rows, "zdepth", "pointcloud", t)
-        table.append((t, floor["rt_p50"], client["overhead_p50"], zdepth["overhead_p50"],
-                      round(client["overhead_p50"] - floor["rt_p50"], 3), round(zdepth["overhead_p50"] - client["overhead_p50"], 3)))
-    columns = ["transport", "floor: 1 hop", "DepthClient -> echo", "zdepth", "DepthClient's own cost", "broker + worker + 2nd hop"]
+        floor, client, zdepth = (
+            find(rows, "floor", "pointcloud", t),
+            find(rows, "client", "pointcloud", t),
+            find(rows, "zdepth", "pointcloud", t),
+        )
+        table.append(
+            (
+                t,
+                floor["rt_p50"],
+                client["overhead_p50"],
+                zdepth["overhead_p50"],
+                round(client["overhead_p50"] - floor["rt_p50"], 3),
+                round(zdepth["overhead_p50"] - client["overhead_p50"], 3),
+            )
+        )
+    columns = [
+        "transport",
+        "floor: 1 hop",
+        "DepthClient -> echo",
+        "zdepth",
+        "DepthClient's own cost",
+        "broker + worker + 2nd hop",
+    ]
     return print_table("Where the point cloud overhead goes (p50, ms)", columns, table)
 
 
@@ -228,17 +308,29 @@ def wire_goals(rows: list, image: str) -> list:
     for t in Connections.TRANSPORTS:
         row, floor = find(rows, "zdepth", "pointcloud", t), find(rows, "floor", "pointcloud", t)
         ratio = row["overhead_p50"] / floor["rt_p50"]
-        goals.append(goal(f"{image} point cloud overhead, zdepth {t}: within {FLOOR_RATIO_GOAL:g}x of the bare ZeroMQ round trip ({t})",
-                          f"{ratio:.2f}x ({row['overhead_p50']:.2f} vs {floor['rt_p50']:.2f} ms p50)", ratio <= FLOOR_RATIO_GOAL))
+        goals.append(
+            goal(
+                f"{image} point cloud overhead, zdepth {t}: within {FLOOR_RATIO_GOAL:g}x of the bare ZeroMQ round trip ({t})",
+                f"{ratio:.2f}x ({row['overhead_p50']:.2f} vs {floor['rt_p50']:.2f} ms p50)",
+                ratio <= FLOOR_RATIO_GOAL,
+            )
+        )
     for t in Connections.TRANSPORTS:
         broker, echo = find(rows, "broker", "health", t), find(rows, "floor", "health", t)
         added = broker["rt_p50"] - echo["rt_p50"]
-        goals.append(goal(f"broker adds <= {BROKER_ADDS_GOAL_MS} ms p50 to a small message ({t})",
-                          f"+{added:.3f} ms ({broker['rt_p50']:.3f} vs {echo['rt_p50']:.3f} ms direct)", added <= BROKER_ADDS_GOAL_MS))
+        goals.append(
+            goal(
+                f"broker adds <= {BROKER_ADDS_GOAL_MS} ms p50 to a small message ({t})",
+                f"+{added:.3f} ms ({broker['rt_p50']:.3f} vs {echo['rt_p50']:.3f} ms direct)",
+                added <= BROKER_ADDS_GOAL_MS,
+            )
+        )
     return goals
 
 
-def served_vs_bare(device: str, dtype: str, iterations: int, input_size: int = 518, threads: Optional[int] = None) -> dict:
+def served_vs_bare(
+    device: str, dtype: str, iterations: int, input_size: int = 518, threads: Optional[int] = None
+) -> dict:
     """zdepth serving 640x480 JPEG -> point cloud on `device`/`dtype` over tcp and ipc, with the
     float16 and unproject-in-the-client options, next to the bare ZeroMQ floor, `DepthClient`
     talking to the echo, and small messages through the broker; prints the tables and returns
@@ -248,11 +340,20 @@ def served_vs_bare(device: str, dtype: str, iterations: int, input_size: int = 5
     with workdir() as tmp:
         tmp = Path(tmp)
         progress(f"starting zdepth serve on {device} ({dtype}) and the echo floor")
-        with ZdepthServer(tmp, device=device, dtype=dtype, threads=threads) as server, EchoServer(tmp, image_size=size) as echo:
+        with (
+            ZdepthServer(tmp, device=device, dtype=dtype, threads=threads) as server,
+            EchoServer(tmp, image_size=size) as echo,
+        ):
             connections = Connections(server, echo)
             try:
-                cases = [zdepth_case(connections.zdepth[t], t, "pointcloud", size, jpeg, input_size) for t in Connections.TRANSPORTS]
-                cases += [zdepth_case(connections.zdepth["tcp"], "tcp", "pointcloud", size, jpeg, input_size, v) for v in VARIANTS]
+                cases = [
+                    zdepth_case(connections.zdepth[t], t, "pointcloud", size, jpeg, input_size)
+                    for t in Connections.TRANSPORTS
+                ]
+                cases += [
+                    zdepth_case(connections.zdepth["tcp"], "tcp", "pointcloud", size, jpeg, input_size, v)
+                    for v in VARIANTS
+                ]
                 cases += connections.wire_cases(size, jpeg, input_size)
                 rounds, per_round = split_iterations(iterations)
                 results = interleave(cases, rounds, per_round, warmup=3, label="served vs bare")
@@ -263,16 +364,30 @@ def served_vs_bare(device: str, dtype: str, iterations: int, input_size: int = 5
     print_breakdown(rows)
     goals = wire_goals(rows, "640x480")
     print_goals(goals)
-    return {"device": device, "dtype": dtype, "input_size": input_size, "image_bytes": len(jpeg), "rows": rows, "goals": goals}
+    return {
+        "device": device,
+        "dtype": dtype,
+        "input_size": input_size,
+        "image_bytes": len(jpeg),
+        "rows": rows,
+        "goals": goals,
+    }
 
 
 # --- the `latency` benchmark ----------------------------------------------------------------
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", help=f"image sizes WxH, comma-separated (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES})")
+    parser.add_argument(
+        "--sizes", help=f"image sizes WxH, comma-separated (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES})"
+    )
     parser.add_argument("--iterations", type=int, help="requests per configuration (default 60; --quick: 2)")
-    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help=f"model input size (default {DEFAULT_INPUT_SIZE}: compute is subtracted)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=DEFAULT_INPUT_SIZE,
+        help=f"model input size (default {DEFAULT_INPUT_SIZE}: compute is subtracted)",
+    )
 
 
 def run(args) -> dict:
@@ -287,12 +402,25 @@ def run(args) -> dict:
             try:
                 cases = []
                 for transport in Connections.TRANSPORTS:
-                    cases.append(zdepth_case(connections.zdepth[transport], transport, "health", sizes[0], b"", args.input_size))
+                    cases.append(
+                        zdepth_case(connections.zdepth[transport], transport, "health", sizes[0], b"", args.input_size)
+                    )
                     for size in sizes:
                         for method in PREDICT_METHODS:
-                            cases.append(zdepth_case(connections.zdepth[transport], transport, method, size, images[size], args.input_size))
+                            cases.append(
+                                zdepth_case(
+                                    connections.zdepth[transport],
+                                    transport,
+                                    method,
+                                    size,
+                                    images[size],
+                                    args.input_size,
+                                )
+                            )
                         for method in ("metric_depth", "pointcloud"):  # rel_depth's reply is metric_depth's size
-                            cases.append(floor_case(connections.floor[transport], transport, size, images[size], method))
+                            cases.append(
+                                floor_case(connections.floor[transport], transport, size, images[size], method)
+                            )
                 rounds, per_round = split_iterations(iterations)
                 progress(f"timing {len(cases)} configurations, {rounds} interleaved rounds x {per_round}")
                 results = interleave(cases, rounds, per_round, warmup=1 if args.quick else 2, label="latency")
@@ -302,8 +430,15 @@ def run(args) -> dict:
     title = f"Latency, 1 CPU worker (1 thread), vits input_size {args.input_size}, random weights"
     table = print_rows(title, rows)
     plot(rows, args.out_dir)
-    config = {"sizes": [f"{w}x{h}" for w, h in sizes], "image_bytes": {f"{w}x{h}": len(images[(w, h)]) for w, h in sizes},
-              "iterations": rounds * per_round, "input_size": args.input_size, "workers": 1, "threads": 1, "quick": args.quick}
+    config = {
+        "sizes": [f"{w}x{h}" for w, h in sizes],
+        "image_bytes": {f"{w}x{h}": len(images[(w, h)]) for w, h in sizes},
+        "iterations": rounds * per_round,
+        "input_size": args.input_size,
+        "workers": 1,
+        "threads": 1,
+        "quick": args.quick,
+    }
     write_results(args.out_dir, "latency", {"config": config, "rows": rows, "table": table})
     return {"rows": rows}
 
@@ -330,7 +465,13 @@ def plot(rows: list, out_dir) -> None:
         if r["method"] == "pointcloud" and r["variant"] is None:
             values = np.sort(np.subtract(r["samples"]["rt_ms"], r["samples"]["compute_ms"]))
             colour = colours.setdefault((r["transport"], r["image"]), f"C{len(colours)}")
-            cdf.plot(values, np.arange(1, len(values) + 1) / len(values), "-" if r["path"] == "zdepth" else "--", color=colour, label=r["label"])
+            cdf.plot(
+                values,
+                np.arange(1, len(values) + 1) / len(values),
+                "-" if r["path"] == "zdepth" else "--",
+                color=colour,
+                label=r["label"],
+            )
     cdf.set_xscale("log")
     cdf.xaxis.set_major_locator(plt.LogLocator(subs=(1.0, 2.0, 5.0)))
     cdf.xaxis.set_major_formatter(plt.ScalarFormatter())

@@ -41,7 +41,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
-    parser.add_argument("--channels-last", action="store_true", help="both models in channels_last memory format (as zdepth's engine runs)")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="both models in channels_last memory format (as zdepth's engine runs)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -102,16 +106,36 @@ def main() -> None:
         ma, mb = statistics.median(a), statistics.median(b)
         # Same-round pairs ran back to back, so their ratio cancels most of the outside load.
         paired = statistics.median(x / y for x, y in zip(a, b))
-        rows.append({"size": list(size), "ours_ms": [t * 1e3 for t in a], "hf_ms": [t * 1e3 for t in b],
-                     "ours_median_ms": ma * 1e3, "hf_median_ms": mb * 1e3, "ratio": ma / mb,
-                     "paired_ratio_median": paired})
+        rows.append(
+            {
+                "size": list(size),
+                "ours_ms": [t * 1e3 for t in a],
+                "hf_ms": [t * 1e3 for t in b],
+                "ours_median_ms": ma * 1e3,
+                "hf_median_ms": mb * 1e3,
+                "ratio": ma / mb,
+                "paired_ratio_median": paired,
+            }
+        )
         print(
             f"{size[0]:>4}x{size[1]:<5} | {ma * 1e3:8.1f} ({min(a) * 1e3:6.1f}) | {mb * 1e3:8.1f} ({min(b) * 1e3:6.1f}) "
             f"| {ma / mb:7.3f} | {paired:6.3f}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"encoder": args.encoder, "device": str(device), "threads": args.threads, "channels_last": args.channels_last,
-                                         "attn": args.attn, "rounds": args.rounds, "results": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "encoder": args.encoder,
+                    "device": str(device),
+                    "threads": args.threads,
+                    "channels_last": args.channels_last,
+                    "attn": args.attn,
+                    "rounds": args.rounds,
+                    "results": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -94,7 +94,15 @@ class Link:
     burst_bytes: int
 
     def tbf(self) -> list:
-        return ["tbf", "rate", f"{int(self.rate_bit_s)}bit", "burst", str(self.burst_bytes), "limit", str(QUEUE_LIMIT_BYTES)]
+        return [
+            "tbf",
+            "rate",
+            f"{int(self.rate_bit_s)}bit",
+            "burst",
+            str(self.burst_bytes),
+            "limit",
+            str(QUEUE_LIMIT_BYTES),
+        ]
 
     def floor_ms(self, request_bytes: float, reply_bytes: float, rtt_ms: float) -> float:
         """The least a round trip can take on this link, compute aside: the request's bytes one
@@ -154,7 +162,21 @@ class Namespaces:
             for name in (self.server, self.client):
                 _run("ip", "netns", "add", name)
                 self._created.append(name)
-            _run("ip", "link", "add", self.server, "netns", self.server, "type", "veth", "peer", "name", self.client, "netns", self.client)
+            _run(
+                "ip",
+                "link",
+                "add",
+                self.server,
+                "netns",
+                self.server,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.client,
+                "netns",
+                self.client,
+            )
             for name, address in ((self.server, SERVER_ADDRESS), (self.client, CLIENT_ADDRESS)):
                 _run("ip", "-n", name, "addr", "add", f"{address}/{PREFIX_LENGTH}", "dev", name)
                 _run("ip", "-n", name, "link", "set", name, "up")
@@ -168,8 +190,15 @@ class Namespaces:
 
     def netem_available(self) -> bool:
         """Whether this kernel has netem (the only way tc adds delay); tried on the client end."""
-        added = subprocess.run(["tc", "-n", self.client, "qdisc", "add", "dev", self.client, "root", "netem", "delay", "1ms"],
-                               check=False, capture_output=True, timeout=30).returncode == 0
+        added = (
+            subprocess.run(
+                ["tc", "-n", self.client, "qdisc", "add", "dev", self.client, "root", "netem", "delay", "1ms"],
+                check=False,
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            == 0
+        )
         if added:
             _run("tc", "-n", self.client, "qdisc", "del", "dev", self.client, "root")
         return added
@@ -188,8 +217,10 @@ class Namespaces:
 
     def congestion_control(self) -> dict:
         """The TCP congestion control each namespace's connections use (a per-namespace sysctl)."""
-        return {side: _run("ip", "netns", "exec", name, "cat", "/proc/sys/net/ipv4/tcp_congestion_control").stdout.strip()
-                for side, name in (("server", self.server), ("client", self.client))}
+        return {
+            side: _run("ip", "netns", "exec", name, "cat", "/proc/sys/net/ipv4/tcp_congestion_control").stdout.strip()
+            for side, name in (("server", self.server), ("client", self.client))
+        }
 
     def close(self) -> None:
         for name in reversed(self._created):
@@ -207,9 +238,22 @@ def _interrupt(signum, frame) -> None:
 def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=int, help="timed requests per row and link (default 60; --quick: 3)")
     parser.add_argument("--size", help="image size WxH (default 640x480; --quick: 160x120)")
-    parser.add_argument("--links", default=DEFAULT_LINKS, help=f"links to shape, in order, from {sorted(LINKS)} (default {DEFAULT_LINKS})")
-    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help=f"model input size (default {DEFAULT_INPUT_SIZE}: compute is subtracted)")
-    parser.add_argument("--deadline-s", type=float, help="the whole run's time limit; rows get fewer requests to fit (default 900; --quick: 120)")
+    parser.add_argument(
+        "--links",
+        default=DEFAULT_LINKS,
+        help=f"links to shape, in order, from {sorted(LINKS)} (default {DEFAULT_LINKS})",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=DEFAULT_INPUT_SIZE,
+        help=f"model input size (default {DEFAULT_INPUT_SIZE}: compute is subtracted)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="the whole run's time limit; rows get fewer requests to fit (default 900; --quick: 120)",
+    )
 
 
 def run(args) -> dict:
@@ -225,7 +269,11 @@ def run(args) -> dict:
     iterations = args.iterations or (3 if args.quick else 60)
     deadline = time.monotonic() + (args.deadline_s or (120.0 if args.quick else 900.0))
     http_missing = missing_http_packages()
-    notes = [f"HTTP rows left out: {', '.join(http_missing)} not installed (pip install -e '.[bench]')"] if http_missing else []
+    notes = (
+        [f"HTTP rows left out: {', '.join(http_missing)} not installed (pip install -e '.[bench]')"]
+        if http_missing
+        else []
+    )
     handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     namespaces = None
     try:
@@ -236,8 +284,11 @@ def run(args) -> dict:
             return {"rows": [], "goals": [], "skipped": str(exc)}
         netem = namespaces.netem_available()
         congestion = namespaces.congestion_control()
-        notes.append("netem is available but no delay was added" if netem else
-                     "this kernel has no netem (tc qdisc netem fails): no delay added; the RTT is the veth's own")
+        notes.append(
+            "netem is available but no delay was added"
+            if netem
+            else "this kernel has no netem (tc qdisc netem fails): no delay added; the RTT is the veth's own"
+        )
         for note in notes:
             progress(note)
         with workdir() as tmp:
@@ -250,16 +301,51 @@ def run(args) -> dict:
     return report(args, measured, size, iterations, netem, congestion, notes)
 
 
-def measure(namespaces: Namespaces, tmp: Path, links: list, size: tuple, iterations: int, input_size: int, deadline: float,
-            http_missing: list) -> dict:
+def measure(
+    namespaces: Namespaces,
+    tmp: Path,
+    links: list,
+    size: tuple,
+    iterations: int,
+    input_size: int,
+    deadline: float,
+    http_missing: list,
+) -> dict:
     """Start the servers in the server namespace, then per link: shape it, run the client loop in
     the client namespace, collect its JSON. Every process stops before this returns."""
     python = sys.executable
-    serve = [python, "-m", "zdepth", "serve", "--host", SERVER_ADDRESS, "--port", ZDEPTH_PORT, "--workers", 1, "--threads", 1,
-             "--random-weights", "--log-level", "WARNING"]
-    http = [python, REPO / "bench" / "http_baseline.py", "--host", SERVER_ADDRESS, "--port", HTTP_PORT, "--random-weights", "--threads", 1]
-    progress(f"namespaces {namespaces.server} ({SERVER_ADDRESS}) and {namespaces.client} ({CLIENT_ADDRESS}); "
-             "starting zdepth serve (1 CPU worker, 1 thread)" + ("" if http_missing else " and the HTTP baseline (1 thread)"))
+    serve = [
+        python,
+        "-m",
+        "zdepth",
+        "serve",
+        "--host",
+        SERVER_ADDRESS,
+        "--port",
+        ZDEPTH_PORT,
+        "--workers",
+        1,
+        "--threads",
+        1,
+        "--random-weights",
+        "--log-level",
+        "WARNING",
+    ]
+    http = [
+        python,
+        REPO / "bench" / "http_baseline.py",
+        "--host",
+        SERVER_ADDRESS,
+        "--port",
+        HTTP_PORT,
+        "--random-weights",
+        "--threads",
+        1,
+    ]
+    progress(
+        f"namespaces {namespaces.server} ({SERVER_ADDRESS}) and {namespaces.client} ({CLIENT_ADDRESS}); "
+        "starting zdepth serve (1 CPU worker, 1 thread)" + ("" if http_missing else " and the HTTP baseline (1 thread)")
+    )
     servers = [Child("zdepth-serve", namespaces.exec_argv(namespaces.server, serve), tmp)]
     try:
         if not http_missing:
@@ -270,10 +356,28 @@ def measure(namespaces: Namespaces, tmp: Path, links: list, size: tuple, iterati
             namespaces.shape(link)
             drops = namespaces.drops()
             budget = (deadline - time.monotonic()) / (len(links) - i)
-            progress(f"link {link.name}: tbf burst {link.burst_bytes} B, limit {QUEUE_LIMIT_BYTES} B on both ends; "
-                     f"client loop in {namespaces.client}, {budget:.0f} s at most")
-            argv = [python, "-m", "bench.network", "--client-mode", "--result-file", tmp / f"client-{key}.json", "--veth", namespaces.client,
-                    "--size", f"{size[0]}x{size[1]}", "--iterations", iterations, "--input-size", input_size, "--budget-s", f"{budget:.1f}"]
+            progress(
+                f"link {link.name}: tbf burst {link.burst_bytes} B, limit {QUEUE_LIMIT_BYTES} B on both ends; "
+                f"client loop in {namespaces.client}, {budget:.0f} s at most"
+            )
+            argv = [
+                python,
+                "-m",
+                "bench.network",
+                "--client-mode",
+                "--result-file",
+                tmp / f"client-{key}.json",
+                "--veth",
+                namespaces.client,
+                "--size",
+                f"{size[0]}x{size[1]}",
+                "--iterations",
+                iterations,
+                "--input-size",
+                input_size,
+                "--budget-s",
+                f"{budget:.1f}",
+            ]
             if http_missing:
                 argv.append("--no-http")
             results[key] = run_client(namespaces.exec_argv(namespaces.client, argv), servers, tmp, key, budget + 30.0)
@@ -299,11 +403,15 @@ def run_client(argv: list, servers: list, tmp: Path, key: str, timeout_s: float)
             if dead is not None:
                 raise RuntimeError(f"{dead.name} exited with {dead.proc.returncode}:\n{dead.log_tail()}")
             if time.monotonic() > stop_at:
-                raise RuntimeError(f"the client loop on {key} did not finish within {timeout_s:.0f} s:\n{client.log_tail()}")
+                raise RuntimeError(
+                    f"the client loop on {key} did not finish within {timeout_s:.0f} s:\n{client.log_tail()}"
+                )
             time.sleep(0.2)
         if client.proc.returncode != 0:
-            raise RuntimeError(f"the client loop on {key} failed ({client.proc.returncode}):\n{client.log_tail()}\n"
-                               + "\n".join(s.log_tail(2000) for s in servers))
+            raise RuntimeError(
+                f"the client loop on {key} failed ({client.proc.returncode}):\n{client.log_tail()}\n"
+                + "\n".join(s.log_tail(2000) for s in servers)
+            )
     return json.loads((tmp / f"client-{key}.json").read_text())
 
 
@@ -314,32 +422,89 @@ def report(args, measured: dict, size: tuple, iterations: int, netem: bool, cong
         link = LINKS[key]
         for row in result["rows"]:
             floor = link.floor_ms(row["request_wire_bytes"], row["reply_wire_bytes"], result["rtt_ms"])
-            rows.append({"link": key, "link_name": link.name, **row, "floor_ms": round(floor, 3),
-                         "overhead_vs_floor": round(row["overhead_p50"] / floor, 2)})
+            rows.append(
+                {
+                    "link": key,
+                    "link_name": link.name,
+                    **row,
+                    "floor_ms": round(floor, 3),
+                    "overhead_vs_floor": round(row["overhead_p50"] / floor, 2),
+                }
+            )
     width, height = size
     title = f"{width}x{height} JPEG, vits input_size {args.input_size}, random weights, 1 worker thread"
     tables = []
     for key, result in measured.items():
         link = LINKS[key]
-        tables.append(print_table(
-            f"{link.name} (tbf, burst {link.burst_bytes} B), RTT {result['rtt_ms']:.3f} ms, no added delay, "
-            f"{result['iterations']} requests per row, {result['tbf_drops']} tbf drops; {title}; ms",
-            ["reply", "reply bytes", "request bytes", "rt p50", "rt p99", "compute p50", "rt-c p50", "rt-c p99", "floor", "rt-c p50 / floor"],
-            [(r["label"], r["reply_bytes"], r["request_bytes"], r["rt_p50"], r["rt_p99"], r["compute_p50"], r["overhead_p50"],
-              r["overhead_p99"], r["floor_ms"], r["overhead_vs_floor"]) for r in rows if r["link"] == key]))
+        tables.append(
+            print_table(
+                f"{link.name} (tbf, burst {link.burst_bytes} B), RTT {result['rtt_ms']:.3f} ms, no added delay, "
+                f"{result['iterations']} requests per row, {result['tbf_drops']} tbf drops; {title}; ms",
+                [
+                    "reply",
+                    "reply bytes",
+                    "request bytes",
+                    "rt p50",
+                    "rt p99",
+                    "compute p50",
+                    "rt-c p50",
+                    "rt-c p99",
+                    "floor",
+                    "rt-c p50 / floor",
+                ],
+                [
+                    (
+                        r["label"],
+                        r["reply_bytes"],
+                        r["request_bytes"],
+                        r["rt_p50"],
+                        r["rt_p99"],
+                        r["compute_p50"],
+                        r["overhead_p50"],
+                        r["overhead_p99"],
+                        r["floor_ms"],
+                        r["overhead_vs_floor"],
+                    )
+                    for r in rows
+                    if r["link"] == key
+                ],
+            )
+        )
     summary = print_summary(rows, list(measured))
     goals = network_goals(rows, list(measured))
     print_goals(goals)
     plot(rows, list(measured), args.out_dir, title)
-    config = {"size": f"{width}x{height}", "input_size": args.input_size, "iterations": iterations, "quick": args.quick,
-              "addresses": [SERVER_ADDRESS, CLIENT_ADDRESS], "queue_limit_bytes": QUEUE_LIMIT_BYTES, "netem_available": netem,
-              "added_delay_ms": 0.0, "tcp_congestion_control": congestion, "segment_header_bytes": SEGMENT_HEADER_BYTES,
-              "links": {key: {"rate_bit_s": LINKS[key].rate_bit_s, "burst_bytes": LINKS[key].burst_bytes, "rtt_ms": r["rtt_ms"],
-                              "rtt_p99_ms": r["rtt_p99_ms"], "iterations": r["iterations"], "tbf_drops": r["tbf_drops"],
-                              "image_bytes": r["image_bytes"], "max_z_error_m": r["max_z_error_m"], "depth_scale": r["depth_scale"]}
-                        for key, r in measured.items()}}
-    write_results(args.out_dir, "network", {"config": config, "rows": rows, "goals": goals, "notes": notes, "tables": tables,
-                                            "summary": summary})
+    config = {
+        "size": f"{width}x{height}",
+        "input_size": args.input_size,
+        "iterations": iterations,
+        "quick": args.quick,
+        "addresses": [SERVER_ADDRESS, CLIENT_ADDRESS],
+        "queue_limit_bytes": QUEUE_LIMIT_BYTES,
+        "netem_available": netem,
+        "added_delay_ms": 0.0,
+        "tcp_congestion_control": congestion,
+        "segment_header_bytes": SEGMENT_HEADER_BYTES,
+        "links": {
+            key: {
+                "rate_bit_s": LINKS[key].rate_bit_s,
+                "burst_bytes": LINKS[key].burst_bytes,
+                "rtt_ms": r["rtt_ms"],
+                "rtt_p99_ms": r["rtt_p99_ms"],
+                "iterations": r["iterations"],
+                "tbf_drops": r["tbf_drops"],
+                "image_bytes": r["image_bytes"],
+                "max_z_error_m": r["max_z_error_m"],
+                "depth_scale": r["depth_scale"],
+            }
+            for key, r in measured.items()
+        },
+    }
+    write_results(
+        args.out_dir,
+        "network",
+        {"config": config, "rows": rows, "goals": goals, "notes": notes, "tables": tables, "summary": summary},
+    )
     return {"rows": rows, "goals": goals}
 
 
@@ -356,8 +521,16 @@ def print_summary(rows: list, links: list) -> str:
         if not any(found):
             continue
         first = next(r for r in found if r)
-        table.append((label, first["reply_bytes"], *[f"{r['overhead_p50']:.1f} / {r['overhead_p99']:.1f} ({r['floor_ms']:.1f})" if r else ""
-                                                      for r in found]))
+        table.append(
+            (
+                label,
+                first["reply_bytes"],
+                *[
+                    f"{r['overhead_p50']:.1f} / {r['overhead_p99']:.1f} ({r['floor_ms']:.1f})" if r else ""
+                    for r in found
+                ],
+            )
+        )
     return print_table("Round trip minus compute, ms, p50 / p99 (link floor)", columns, table)
 
 
@@ -367,17 +540,32 @@ def network_goals(rows: list, links: list) -> list:
         default, name = _find(rows, link, DEFAULT_CLOUD), LINKS[link].name
         if link in OVERHEAD_GOAL_MS:
             limit = OVERHEAD_GOAL_MS[link]
-            goals.append(goal(f"{name}: DepthClient.pointcloud() default <= {limit:g} ms p50 round trip minus compute",
-                              f"{default['overhead_p50']:.1f} ms", default["overhead_p50"] <= limit))
+            goals.append(
+                goal(
+                    f"{name}: DepthClient.pointcloud() default <= {limit:g} ms p50 round trip minus compute",
+                    f"{default['overhead_p50']:.1f} ms",
+                    default["overhead_p50"] <= limit,
+                )
+            )
         if link == "100mbit":
             binary = _find(rows, link, HTTP_BINARY)
             ratio = binary and binary["overhead_p50"] / default["overhead_p50"]
-            goals.append(goal(f"{name}: default point cloud >= {HTTP_BINARY_RATIO_GOAL:g}x below the HTTP raw-binary cloud",
-                              f"{ratio:.1f}x ({binary['overhead_p50']:.1f} vs {default['overhead_p50']:.1f} ms)" if binary else "HTTP baseline not installed",
-                              ratio >= HTTP_BINARY_RATIO_GOAL if binary else None))
-        goals.append(goal(f"{name}: default point cloud within {FLOOR_RATIO_GOAL:g}x of its own link floor",
-                          f"{default['overhead_vs_floor']:.2f}x ({default['overhead_p50']:.1f} vs {default['floor_ms']:.1f} ms)",
-                          default["overhead_vs_floor"] <= FLOOR_RATIO_GOAL))
+            goals.append(
+                goal(
+                    f"{name}: default point cloud >= {HTTP_BINARY_RATIO_GOAL:g}x below the HTTP raw-binary cloud",
+                    f"{ratio:.1f}x ({binary['overhead_p50']:.1f} vs {default['overhead_p50']:.1f} ms)"
+                    if binary
+                    else "HTTP baseline not installed",
+                    ratio >= HTTP_BINARY_RATIO_GOAL if binary else None,
+                )
+            )
+        goals.append(
+            goal(
+                f"{name}: default point cloud within {FLOOR_RATIO_GOAL:g}x of its own link floor",
+                f"{default['overhead_vs_floor']:.2f}x ({default['overhead_p50']:.1f} vs {default['floor_ms']:.1f} ms)",
+                default["overhead_vs_floor"] <= FLOOR_RATIO_GOAL,
+            )
+        )
     return goals
 
 
@@ -396,7 +584,9 @@ def plot(rows: list, links: list, out_dir, title: str) -> None:
         whisker = [max(0.0, r["overhead_p99"] - r["overhead_p50"]) for r in chosen]
         colours = ["#d1495b" if r["key"].startswith("http") else "#2e86ab" for r in chosen]
         axis.barh(labels, p50, xerr=[[0] * len(chosen), whisker], color=colours, capsize=2)
-        axis.scatter([r["floor_ms"] for r in chosen], labels, marker="|", s=300, color="black", zorder=3, label="link floor")
+        axis.scatter(
+            [r["floor_ms"] for r in chosen], labels, marker="|", s=300, color="black", zorder=3, label="link floor"
+        )
         for y, (value, extra) in enumerate(zip(p50, whisker)):
             axis.text(value + extra, y, f"  {value:.1f}", va="center", fontsize=7)
         axis.set_xscale("log")
@@ -425,8 +615,13 @@ class Traffic:
 
     def read(self) -> dict:
         totals = {name: int((self.statistics / name).read_text()) for name in ("rx_bytes", "tx_bytes")}
-        text = subprocess.run(["ss", "-tinH", "state", "established", "dst", SERVER_ADDRESS], check=True, capture_output=True,
-                              text=True, timeout=30).stdout
+        text = subprocess.run(
+            ["ss", "-tinH", "state", "established", "dst", SERVER_ADDRESS],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         for name in self.TCP_FIELDS:
             totals[name] = sum(int(n) for n in re.findall(rf"\b{name}:(\d+)", text))
         return totals
@@ -489,7 +684,9 @@ def link_rtt(port: int, samples: int = RTT_PROBES) -> list:
 def request_calls(zdepth, http_clients: dict, jpeg: bytes, intrinsics: dict, input_size: int) -> dict:
     """key -> a call returning (result, the worker's compute ms), one per row the clients have."""
     calls: dict = {
-        "cloud_f32": lambda: zdepth.pointcloud(jpeg, intrinsics, server_side=True, output_dtype="float32", compression="none"),
+        "cloud_f32": lambda: zdepth.pointcloud(
+            jpeg, intrinsics, server_side=True, output_dtype="float32", compression="none"
+        ),
         "depth_f32": lambda: zdepth.metric_depth(jpeg, output_dtype="float32", compression="none"),
         "depth_f16": lambda: zdepth.metric_depth(jpeg, output_dtype="float16", compression="none"),
         "depth_u16": lambda: zdepth.metric_depth(jpeg, output_dtype="uint16", compression="none"),
@@ -530,7 +727,11 @@ def client_main(argv: list) -> int:
     size = parse_size(args.size)
     jpeg, intrinsics = sample_jpeg(*size), intrinsics_for(*size)
     zdepth = DepthClient(f"tcp://{SERVER_ADDRESS}:{ZDEPTH_PORT}", timeout=120.0, input_size=args.input_size)
-    http_clients = {} if args.no_http else {HTTP_BINARY: BinaryClient(HTTP_PORT, SERVER_ADDRESS), "http_json": JsonClient(HTTP_PORT, SERVER_ADDRESS)}
+    http_clients = (
+        {}
+        if args.no_http
+        else {HTTP_BINARY: BinaryClient(HTTP_PORT, SERVER_ADDRESS), "http_json": JsonClient(HTTP_PORT, SERVER_ADDRESS)}
+    )
     try:
         wait_for_servers(zdepth, http_clients, stop_at)
         progress("servers answer; measuring the link's RTT")
@@ -546,10 +747,25 @@ def client_main(argv: list) -> int:
         zdepth.close()
         for client in http_clients.values():
             client.close()
-    rows = [{"key": case.info["key"], "label": case.label, **counted["bytes"][case.info["key"]], **series.summary(), "samples": series.samples()}
-            for case, series in results]
-    document = {"rtt_ms": round(percentile(rtt, 50), 4), "rtt_p99_ms": round(percentile(rtt, 99), 4), "image_bytes": len(jpeg),
-                "iterations": rounds * per_round, "max_z_error_m": counted["max_z_error_m"], "depth_scale": counted["depth_scale"], "rows": rows}
+    rows = [
+        {
+            "key": case.info["key"],
+            "label": case.label,
+            **counted["bytes"][case.info["key"]],
+            **series.summary(),
+            "samples": series.samples(),
+        }
+        for case, series in results
+    ]
+    document = {
+        "rtt_ms": round(percentile(rtt, 50), 4),
+        "rtt_p99_ms": round(percentile(rtt, 99), 4),
+        "image_bytes": len(jpeg),
+        "iterations": rounds * per_round,
+        "max_z_error_m": counted["max_z_error_m"],
+        "depth_scale": counted["depth_scale"],
+        "rows": rows,
+    }
     args.result_file.write_text(json.dumps(document))
     return 0
 
@@ -569,7 +785,12 @@ def count_bytes(calls: dict, traffic: Traffic, repeats: int = 2) -> dict:
     exact, compact = results["cloud_f32"].points[:, 2], results["cloud_default"].points[:, 2]
     valid = compact > 0
     error = float(abs(exact[valid] - compact[valid]).max()) if valid.any() else None
-    return {"bytes": counted, "seconds_per_round": seconds, "max_z_error_m": error, "depth_scale": results["depth_u16"].scale}
+    return {
+        "bytes": counted,
+        "seconds_per_round": seconds,
+        "max_z_error_m": error,
+        "depth_scale": results["depth_u16"].scale,
+    }
 
 
 def fit_iterations(wanted: int, seconds_per_round: float, seconds_left: float) -> int:

@@ -37,9 +37,9 @@ from bench.common import (
     print_table,
     progress,
     pyplot,
+    sample_jpeg,
     save_figure,
     split_iterations,
-    sample_jpeg,
     workdir,
     write_results,
 )
@@ -82,8 +82,14 @@ def http_case(client, design: str, method: str, size: tuple, jpeg: bytes, input_
         return client.call(method, jpeg, intrinsics, input_size)[1]
 
     width, height = size
-    info = {"path": design, "transport": "tcp", "image": f"{width}x{height}", "method": method, "variant": None,
-            "reply_bytes": reply_bytes(method, width, height)}
+    info = {
+        "path": design,
+        "transport": "tcp",
+        "image": f"{width}x{height}",
+        "method": method,
+        "variant": None,
+        "reply_bytes": reply_bytes(method, width, height),
+    }
     return Case(f"{design} {width}x{height} {method}", call, info)
 
 
@@ -92,7 +98,12 @@ def bare_zdepth_case(bare: BareClient, size: tuple, jpeg: bytes, input_size: int
     `DepthClient`, to show what the client library itself costs."""
     from zdepth import protocol as P
 
-    fields = {"method": "pointcloud", "image": {"frame": 1, "format": "jpeg"}, "intrinsics": intrinsics_for(*size), "input_size": input_size}
+    fields = {
+        "method": "pointcloud",
+        "image": {"frame": 1, "format": "jpeg"},
+        "intrinsics": intrinsics_for(*size),
+        "input_size": input_size,
+    }
 
     def call():
         header, arrays = P.unpack(bare.request(fields, [jpeg]))
@@ -101,15 +112,26 @@ def bare_zdepth_case(bare: BareClient, size: tuple, jpeg: bytes, input_size: int
         return compute_ms(header.get("timing"))
 
     width, height = size
-    info = {"path": "zdepth", "transport": "tcp", "image": f"{width}x{height}", "method": "pointcloud", "variant": BARE_VARIANT,
-            "reply_bytes": reply_bytes("pointcloud", width, height)}
+    info = {
+        "path": "zdepth",
+        "transport": "tcp",
+        "image": f"{width}x{height}",
+        "method": "pointcloud",
+        "variant": BARE_VARIANT,
+        "reply_bytes": reply_bytes("pointcloud", width, height),
+    }
     return Case(f"zdepth tcp {width}x{height} pointcloud, bare DEALER + protocol.unpack", call, info)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--size", help="image size WxH (default 640x480; --quick: 160x120)")
     parser.add_argument("--iterations", type=int, help="requests per configuration (default 50; --quick: 2)")
-    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help=f"model input size (default {DEFAULT_INPUT_SIZE}: compute is subtracted)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=DEFAULT_INPUT_SIZE,
+        help=f"model input size (default {DEFAULT_INPUT_SIZE}: compute is subtracted)",
+    )
 
 
 def run(args) -> dict:
@@ -131,14 +153,28 @@ def run(args) -> dict:
                 if http_server is not None:
                     from bench.http_baseline import BinaryClient, JsonClient
 
-                    http_clients = {"http-json": JsonClient(http_server.port), "http-binary": BinaryClient(http_server.port)}
+                    http_clients = {
+                        "http-json": JsonClient(http_server.port),
+                        "http-binary": BinaryClient(http_server.port),
+                    }
                 cases = []
                 for method in PREDICT_METHODS:
-                    cases += [zdepth_case(connections.zdepth[t], t, method, size, jpeg, args.input_size) for t in Connections.TRANSPORTS]
-                    cases += [http_case(client, design, method, size, jpeg, args.input_size) for design, client in http_clients.items()]
-                cases += [zdepth_case(connections.zdepth["tcp"], "tcp", "pointcloud", size, jpeg, args.input_size, v) for v in VARIANTS]
+                    cases += [
+                        zdepth_case(connections.zdepth[t], t, method, size, jpeg, args.input_size)
+                        for t in Connections.TRANSPORTS
+                    ]
+                    cases += [
+                        http_case(client, design, method, size, jpeg, args.input_size)
+                        for design, client in http_clients.items()
+                    ]
+                cases += [
+                    zdepth_case(connections.zdepth["tcp"], "tcp", "pointcloud", size, jpeg, args.input_size, v)
+                    for v in VARIANTS
+                ]
                 cases.append(bare_zdepth_case(connections.broker["tcp"], size, jpeg, args.input_size))
-                cases += [floor_case(connections.floor[t], t, size, jpeg, "metric_depth") for t in Connections.TRANSPORTS]
+                cases += [
+                    floor_case(connections.floor[t], t, size, jpeg, "metric_depth") for t in Connections.TRANSPORTS
+                ]
                 cases += connections.wire_cases(size, jpeg, args.input_size)
                 rounds, per_round = split_iterations(iterations)
                 progress(f"timing {len(cases)} configurations, {rounds} interleaved rounds x {per_round}")
@@ -156,36 +192,97 @@ def run(args) -> dict:
     summary = print_summary(rows)
     breakdown = print_breakdown(rows)
     bare, client = find(rows, "zdepth", "pointcloud", variant=BARE_VARIANT), find(rows, "zdepth", "pointcloud")
-    print(f"Cross-check of DepthClient's cost: zdepth tcp point cloud over a bare DEALER {bare['overhead_p50']:.3f} ms "
-          f"vs DepthClient {client['overhead_p50']:.3f} ms p50.\n", flush=True)
+    print(
+        f"Cross-check of DepthClient's cost: zdepth tcp point cloud over a bare DEALER {bare['overhead_p50']:.3f} ms "
+        f"vs DepthClient {client['overhead_p50']:.3f} ms p50.\n",
+        flush=True,
+    )
     goals = http_goals(rows, f"{width}x{height}") + wire_goals(rows, f"{width}x{height}")
     print_goals(goals)
     plot(rows, args.out_dir, title)
-    config = {"size": f"{width}x{height}", "image_bytes": len(jpeg), "iterations": rounds * per_round, "input_size": args.input_size,
-              "quick": args.quick, "designs": DESIGNS}
-    write_results(args.out_dir, "overhead", {"config": config, "rows": rows, "goals": goals, "notes": notes, "table": table, "summary": summary,
-                                             "breakdown": breakdown})
+    config = {
+        "size": f"{width}x{height}",
+        "image_bytes": len(jpeg),
+        "iterations": rounds * per_round,
+        "input_size": args.input_size,
+        "quick": args.quick,
+        "designs": DESIGNS,
+    }
+    write_results(
+        args.out_dir,
+        "overhead",
+        {
+            "config": config,
+            "rows": rows,
+            "goals": goals,
+            "notes": notes,
+            "table": table,
+            "summary": summary,
+            "breakdown": breakdown,
+        },
+    )
     return {"rows": rows, "goals": goals}
 
 
 def print_detail(title: str, rows: list) -> str:
-    columns = ["configuration", "reply MB", "rt p50", "compute p50", "overhead p50", "overhead p90", "overhead p99", "overhead / floor"]
-    table = [(r["label"], round(r["reply_bytes"] / 1e6, 2), r["rt_p50"], r["compute_p50"], r["overhead_p50"], r["overhead_p90"],
-              r["overhead_p99"], r.get("overhead_vs_floor")) for r in rows]
+    columns = [
+        "configuration",
+        "reply MB",
+        "rt p50",
+        "compute p50",
+        "overhead p50",
+        "overhead p90",
+        "overhead p99",
+        "overhead / floor",
+    ]
+    table = [
+        (
+            r["label"],
+            round(r["reply_bytes"] / 1e6, 2),
+            r["rt_p50"],
+            r["compute_p50"],
+            r["overhead_p50"],
+            r["overhead_p90"],
+            r["overhead_p99"],
+            r.get("overhead_vs_floor"),
+        )
+        for r in rows
+    ]
     return print_table(f"{title} (ms)", columns, table)
 
 
 def print_summary(rows: list) -> str:
     """Per method: overhead p50 of each design, and how many times zdepth's (tcp) it is."""
-    columns = ["method", "zdepth tcp", "zdepth ipc", "HTTP JSON", "HTTP binary", "floor tcp", "HTTP JSON / zdepth", "HTTP binary / zdepth", "zdepth / floor"]
+    columns = [
+        "method",
+        "zdepth tcp",
+        "zdepth ipc",
+        "HTTP JSON",
+        "HTTP binary",
+        "floor tcp",
+        "HTTP JSON / zdepth",
+        "HTTP binary / zdepth",
+        "zdepth / floor",
+    ]
     table = []
     for method in PREDICT_METHODS:
         zdepth, ipc = find(rows, "zdepth", method), find(rows, "zdepth", method, "ipc")
         json_, binary = find(rows, "http-json", method), find(rows, "http-binary", method)
         floor = find(rows, "floor", "metric_depth" if method == "rel_depth" else method)
         base = zdepth["overhead_p50"]
-        table.append((method, base, ipc["overhead_p50"], json_ and json_["overhead_p50"], binary and binary["overhead_p50"], floor["rt_p50"],
-                      json_ and round(json_["overhead_p50"] / base, 1), binary and round(binary["overhead_p50"] / base, 2), zdepth.get("overhead_vs_floor")))
+        table.append(
+            (
+                method,
+                base,
+                ipc["overhead_p50"],
+                json_ and json_["overhead_p50"],
+                binary and binary["overhead_p50"],
+                floor["rt_p50"],
+                json_ and round(json_["overhead_p50"] / base, 1),
+                binary and round(binary["overhead_p50"] / base, 2),
+                zdepth.get("overhead_vs_floor"),
+            )
+        )
     return print_table("Overhead p50 by design (ms) and ratios", columns, table)
 
 
@@ -197,12 +294,24 @@ def http_goals(rows: list, image: str) -> list:
         row = find(rows, "zdepth", "pointcloud", t)
         text = f"{image} point cloud overhead, zdepth {t}"
         ratio = json_ and json_["overhead_p50"] / row["overhead_p50"]
-        goals.append(goal(f"{text}: >= {HTTP_JSON_RATIO_GOAL:g}x smaller than HTTP JSON/base64",
-                          f"{ratio:.1f}x ({json_['overhead_p50']:.2f} vs {row['overhead_p50']:.2f} ms p50)" if json_ else "HTTP baseline not installed",
-                          ratio >= HTTP_JSON_RATIO_GOAL if json_ else None))
-        goals.append(goal(f"{text}: no larger than the HTTP binary-body design",
-                          f"{row['overhead_p50']:.2f} vs {binary['overhead_p50']:.2f} ms p50" if binary else "HTTP baseline not installed",
-                          row["overhead_p50"] <= binary["overhead_p50"] if binary else None))
+        goals.append(
+            goal(
+                f"{text}: >= {HTTP_JSON_RATIO_GOAL:g}x smaller than HTTP JSON/base64",
+                f"{ratio:.1f}x ({json_['overhead_p50']:.2f} vs {row['overhead_p50']:.2f} ms p50)"
+                if json_
+                else "HTTP baseline not installed",
+                ratio >= HTTP_JSON_RATIO_GOAL if json_ else None,
+            )
+        )
+        goals.append(
+            goal(
+                f"{text}: no larger than the HTTP binary-body design",
+                f"{row['overhead_p50']:.2f} vs {binary['overhead_p50']:.2f} ms p50"
+                if binary
+                else "HTTP baseline not installed",
+                row["overhead_p50"] <= binary["overhead_p50"] if binary else None,
+            )
+        )
     return goals
 
 
@@ -211,7 +320,14 @@ def plot(rows: list, out_dir, title: str) -> None:
     plt = pyplot()
     if plt is None:
         return
-    colours = {"zdepth": "#2e86ab", "http-json": "#d1495b", "http-binary": "#edae49", "client": "#9bb7d4", "floor": "#66a182", "broker": "#8d6a9f"}
+    colours = {
+        "zdepth": "#2e86ab",
+        "http-json": "#d1495b",
+        "http-binary": "#edae49",
+        "client": "#9bb7d4",
+        "floor": "#66a182",
+        "broker": "#8d6a9f",
+    }
     figure, axes = plt.subplots(figsize=(11, 0.38 * len(rows) + 1.5))
     labels = [r["label"] for r in rows]
     p50 = [r["overhead_p50"] for r in rows]
@@ -220,7 +336,9 @@ def plot(rows: list, out_dir, title: str) -> None:
     for y, (value, extra) in enumerate(zip(p50, whisker)):
         axes.text(value + extra, y, f"  {value:.2f}", va="center", fontsize=7)
     axes.set_xscale("log")
-    axes.set_xlabel("overhead p50, ms, log scale (round trip - worker compute); whisker to p90\nfloor and health rows: the whole round trip")
+    axes.set_xlabel(
+        "overhead p50, ms, log scale (round trip - worker compute); whisker to p90\nfloor and health rows: the whole round trip"
+    )
     axes.set_title(title, fontsize=9)
     axes.invert_yaxis()
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]

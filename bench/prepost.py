@@ -92,8 +92,10 @@ def main() -> None:
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     forward = medians["forward vits"]
-    print(f"640x480 frame -> {shape[1]}x{shape[0]} input; {device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds, medians")
+    print(
+        f"640x480 frame -> {shape[1]}x{shape[0]} input; {device} {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.rounds} interleaved rounds, medians"
+    )
     print(f"{'step':42s} {'ms':>9s} {'% of forward':>13s}")
     for name, value in medians.items():
         print(f"{name:42s} {value:9.2f} {100 * value / forward:12.1f}%")
@@ -101,10 +103,18 @@ def main() -> None:
     print(f"  -> metric depth (random vits weights, max_depth 20): max |diff| {depth_diff:.2e} m")
 
     results = {
-        "frame": [HEIGHT, WIDTH], "input": list(shape), "device": str(device), "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "rounds": args.rounds, "median_ms": medians,
-        "input_max_abs_diff": input_diff, "depth_max_abs_diff_m": depth_diff,
-        "torch": torch.__version__, "opencv": cv2.__version__, "machine": platform.machine(),
+        "frame": [HEIGHT, WIDTH],
+        "input": list(shape),
+        "device": str(device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "median_ms": medians,
+        "input_max_abs_diff": input_diff,
+        "depth_max_abs_diff_m": depth_diff,
+        "torch": torch.__version__,
+        "opencv": cv2.__version__,
+        "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     path = Path(args.json)

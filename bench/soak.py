@@ -82,14 +82,17 @@ class SoakReport:
         return sum(self.errors.values())
 
     def summary(self) -> str:
-        return "\n".join([
-            f"duration {self.seconds:.1f} s, {self.worker_kills} worker kills (SIGKILL), {self.broker_restarts} broker restarts (SIGKILL)",
-            f"requests: sent {self.sent}, answered with results {self.answered_ok}, answered with errors {self.answered_with_errors} "
-            f"{dict(sorted(self.errors.items()))}, lost {self.lost}",
-            f"streams: frames sent {self.stream_frames_sent} (+{self.stream_frames_dropped_locally} dropped in the publisher), "
-            f"results {self.stream_results}, dropped by the broker (newest frame wins) {self.stream_results_dropped_by_broker}",
-            f"peak memory (VmHWM): broker {self.broker_peak_kb / 1024:.1f} MB, worker {self.worker_peak_kb / 1024:.1f} MB",
-        ] + [f"lost: {example}" for example in self.lost_examples])
+        return "\n".join(
+            [
+                f"duration {self.seconds:.1f} s, {self.worker_kills} worker kills (SIGKILL), {self.broker_restarts} broker restarts (SIGKILL)",
+                f"requests: sent {self.sent}, answered with results {self.answered_ok}, answered with errors {self.answered_with_errors} "
+                f"{dict(sorted(self.errors.items()))}, lost {self.lost}",
+                f"streams: frames sent {self.stream_frames_sent} (+{self.stream_frames_dropped_locally} dropped in the publisher), "
+                f"results {self.stream_results}, dropped by the broker (newest frame wins) {self.stream_results_dropped_by_broker}",
+                f"peak memory (VmHWM): broker {self.broker_peak_kb / 1024:.1f} MB, worker {self.worker_peak_kb / 1024:.1f} MB",
+            ]
+            + [f"lost: {example}" for example in self.lost_examples]
+        )
 
 
 class Cluster:
@@ -113,14 +116,23 @@ class Cluster:
 
     def _child(self, name: str, args: list) -> Child:
         self.starts[name] += 1
-        return Child(f"{name}-{self.starts[name]}", [sys.executable, "-m", "zdepth", *args, "--log-level", "WARNING"], self.workdir)
+        return Child(
+            f"{name}-{self.starts[name]}",
+            [sys.executable, "-m", "zdepth", *args, "--log-level", "WARNING"],
+            self.workdir,
+        )
 
     def _start_broker(self) -> Child:
         return self._child("broker", ["broker", "--port", str(self.port)])
 
     def _start_worker(self, i: int) -> Child:
-        weights = ["--checkpoint-dir", self.config.checkpoint_dir] if self.config.checkpoint_dir else ["--random-weights"]
-        return self._child(f"worker{i}", ["worker", "--connect", self.backend, "--device", "cpu", "--threads", "1", "--name", f"soak-{i}", *weights])
+        weights = (
+            ["--checkpoint-dir", self.config.checkpoint_dir] if self.config.checkpoint_dir else ["--random-weights"]
+        )
+        return self._child(
+            f"worker{i}",
+            ["worker", "--connect", self.backend, "--device", "cpu", "--threads", "1", "--name", f"soak-{i}", *weights],
+        )
 
     def health(self) -> Optional[dict]:
         try:
@@ -192,7 +204,9 @@ class Tally:
 
 def client_loop(endpoint: str, config: SoakConfig, tally: Tally, stop: threading.Event, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    with DepthClient(endpoint, timeout=config.client_timeout_s, retries=config.client_retries, input_size=INPUT_SIZE) as client:
+    with DepthClient(
+        endpoint, timeout=config.client_timeout_s, retries=config.client_retries, input_size=INPUT_SIZE
+    ) as client:
         while not stop.is_set() and tally.take_ticket():
             image = rng.integers(0, 255, IMAGE_SHAPE, dtype=np.uint8)
             method = rng.integers(3)
@@ -237,10 +251,24 @@ def run_soak(config: SoakConfig, log=print) -> SoakReport:
         names = [f"soak-cam{i}" for i in range(config.cameras)]
         stream_counts: dict = {}
         stream_results: list = []
-        threads = [threading.Thread(target=client_loop, args=(cluster.endpoint, config, tally, stop_sending, i), daemon=True) for i in range(config.clients)]
-        streams = [threading.Thread(target=camera_loop, args=(cluster.stream, name, config.camera_fps, stop_streams, stream_counts), daemon=True) for name in names]
+        threads = [
+            threading.Thread(target=client_loop, args=(cluster.endpoint, config, tally, stop_sending, i), daemon=True)
+            for i in range(config.clients)
+        ]
+        streams = [
+            threading.Thread(
+                target=camera_loop,
+                args=(cluster.stream, name, config.camera_fps, stop_streams, stream_counts),
+                daemon=True,
+            )
+            for name in names
+        ]
         if names:
-            streams.append(threading.Thread(target=subscriber_loop, args=(cluster.pub, names, stop_streams, stream_results), daemon=True))
+            streams.append(
+                threading.Thread(
+                    target=subscriber_loop, args=(cluster.pub, names, stop_streams, stream_results), daemon=True
+                )
+            )
         try:
             start = time.monotonic()
             for thread in threads + streams:
@@ -290,21 +318,36 @@ def run_soak(config: SoakConfig, log=print) -> SoakReport:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     defaults = SoakConfig()
     parser.add_argument("--seconds", type=float, default=defaults.seconds)
     parser.add_argument("--clients", type=int, default=defaults.clients)
     parser.add_argument("--cameras", type=int, default=defaults.cameras)
     parser.add_argument("--camera-fps", type=float, default=defaults.camera_fps)
     parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--kill-every", type=float, default=defaults.kill_every_s, help="seconds between worker kills (0: none)")
-    parser.add_argument("--broker-every", type=float, default=defaults.broker_every_s, help="seconds between broker restarts (0: none)")
+    parser.add_argument(
+        "--kill-every", type=float, default=defaults.kill_every_s, help="seconds between worker kills (0: none)"
+    )
+    parser.add_argument(
+        "--broker-every", type=float, default=defaults.broker_every_s, help="seconds between broker restarts (0: none)"
+    )
     parser.add_argument("--max-requests", type=int, help="stop after this many requests")
     parser.add_argument("--checkpoint-dir", help="real checkpoints (default: --random-weights)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
-    config = SoakConfig(seconds=args.seconds, clients=args.clients, cameras=args.cameras, camera_fps=args.camera_fps, workers=args.workers,
-                        kill_every_s=args.kill_every, broker_every_s=args.broker_every, max_requests=args.max_requests, checkpoint_dir=args.checkpoint_dir)
+    config = SoakConfig(
+        seconds=args.seconds,
+        clients=args.clients,
+        cameras=args.cameras,
+        camera_fps=args.camera_fps,
+        workers=args.workers,
+        kill_every_s=args.kill_every,
+        broker_every_s=args.broker_every,
+        max_requests=args.max_requests,
+        checkpoint_dir=args.checkpoint_dir,
+    )
     report = run_soak(config)
     print(report.summary())
     if args.out:

@@ -33,9 +33,9 @@ from bench.common import (
     print_table,
     progress,
     pyplot,
+    sample_jpeg,
     save_figure,
     summarize,
-    sample_jpeg,
     workdir,
     write_results,
 )
@@ -49,7 +49,9 @@ FLAT_RATIO_GOAL = 1.25  # "flat": the last window's latency p50 at most 25 % abo
 DRAIN_QUIET_S = 3.0  # after the cameras stop: wait for each stream's last frame, or this long without a result
 
 
-def run_cameras(server: ZdepthServer, name: str, cameras: int, fps: float, duration_s: float, jpeg: bytes, input_size: int) -> dict:
+def run_cameras(
+    server: ZdepthServer, name: str, cameras: int, fps: float, duration_s: float, jpeg: bytes, input_size: int
+) -> dict:
     """`cameras` publishers at `fps` for `duration_s`, one subscriber receiving every result."""
     from clients import CameraPublisher, DepthSubscriber
 
@@ -63,9 +65,18 @@ def run_cameras(server: ZdepthServer, name: str, cameras: int, fps: float, durat
         while not stop_subscriber.is_set():
             result = subscriber.recv(timeout=0.1)
             if result is not None:
-                results.append({"stream": result.stream, "seq": result.seq, "ok": result.ok, "t_capture": result.t_capture,
-                                "latency_ms": result.latency_ms, "age_ms": result.age_ms, "dropped": result.dropped,
-                                "compute_ms": compute_ms(result.header.get("timing"))})
+                results.append(
+                    {
+                        "stream": result.stream,
+                        "seq": result.seq,
+                        "ok": result.ok,
+                        "t_capture": result.t_capture,
+                        "latency_ms": result.latency_ms,
+                        "age_ms": result.age_ms,
+                        "dropped": result.dropped,
+                        "compute_ms": compute_ms(result.header.get("timing")),
+                    }
+                )
 
     def frames(stream: str):
         while True:
@@ -76,8 +87,10 @@ def run_cameras(server: ZdepthServer, name: str, cameras: int, fps: float, durat
     receiver.start()
     time.sleep(0.3)  # a SUB socket misses what is published before its subscription arrives
     publishers = [CameraPublisher(server.stream, stream=s, input_size=input_size) for s in streams]
-    cameras_threads = [threading.Thread(target=p.run, args=(frames(s),), kwargs={"fps": fps, "stop": stop_cameras}, daemon=True)
-                       for p, s in zip(publishers, streams)]
+    cameras_threads = [
+        threading.Thread(target=p.run, args=(frames(s),), kwargs={"fps": fps, "stop": stop_cameras}, daemon=True)
+        for p, s in zip(publishers, streams)
+    ]
     t0 = time.time()
     for thread in cameras_threads:
         thread.start()
@@ -116,11 +129,17 @@ def flatness(ok: list, key: str, t0: float, duration_s: float) -> dict:
     first = percentile(values[times < window], 50)
     last = percentile(values[times >= duration_s - window], 50)
     slope = float(np.polyfit(times, values, 1)[0] * 60.0) if len(ok) >= 3 else math.nan
-    return {"first_p50": round(first, 3), "last_p50": round(last, 3), "last_over_first": round(last / first, 3) if first > 0 else None,
-            "slope_ms_per_min": round(slope, 2)}
+    return {
+        "first_p50": round(first, 3),
+        "last_p50": round(last, 3),
+        "last_over_first": round(last / first, 3) if first > 0 else None,
+        "slope_ms_per_min": round(slope, 2),
+    }
 
 
-def summarize_run(name: str, cameras: int, fps: float, duration_s: float, t0: float, offered: dict, results: list, local_drops: int) -> dict:
+def summarize_run(
+    name: str, cameras: int, fps: float, duration_s: float, t0: float, offered: dict, results: list, local_drops: int
+) -> dict:
     """Counts, percentiles and a per-second timeline. Each result's latency is split into the
     worker's compute and the rest (`wait`: waiting for the worker, plus transport), because
     compute drifts with whatever else runs on the machine while the wait is the design's."""
@@ -131,7 +150,12 @@ def summarize_run(name: str, cameras: int, fps: float, duration_s: float, t0: fl
     for second in range(int(np.ceil(duration_s))):
         in_bin = [r for r in ok if second <= r["t_capture"] - t0 < second + 1]
         frames = int(((captures >= second) & (captures < second + 1)).sum())
-        row = {"t": second, "offered": frames, "results": len(in_bin), "drop_ratio": round(1 - len(in_bin) / frames, 3) if frames else None}
+        row = {
+            "t": second,
+            "offered": frames,
+            "results": len(in_bin),
+            "drop_ratio": round(1 - len(in_bin) / frames, 3) if frames else None,
+        }
         for key in ("latency_ms", "compute_ms", "wait_ms"):
             row[key.replace("_ms", "_p50")] = round(percentile([r[key] for r in in_bin], 50), 3) if in_bin else None
         timeline.append(row)
@@ -161,9 +185,15 @@ def summarize_run(name: str, cameras: int, fps: float, duration_s: float, t0: fl
 
 def add_arguments(parser) -> None:
     parser.add_argument("--duration", type=float, help="seconds per camera/fps configuration (default 10; --quick: 1)")
-    parser.add_argument("--long", type=float, help=f"seconds of the 1-camera {LONG_FPS} fps flatness run (default 60; --quick: 2)")
+    parser.add_argument(
+        "--long", type=float, help=f"seconds of the 1-camera {LONG_FPS} fps flatness run (default 60; --quick: 2)"
+    )
     parser.add_argument("--size", help="camera frame size WxH (default 640x480; --quick: 160x120)")
-    parser.add_argument("--input-size", type=int, help=f"model input size: the model must be slower than the camera (default {DEFAULT_INPUT_SIZE}; --quick: 56)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        help=f"model input size: the model must be slower than the camera (default {DEFAULT_INPUT_SIZE}; --quick: 56)",
+    )
 
 
 def run(args) -> dict:
@@ -182,18 +212,68 @@ def run(args) -> dict:
             for i, (cameras, fps, seconds) in enumerate(plan):
                 progress(f"{cameras} camera(s) at {fps} fps for {seconds:g} s")
                 runs.append(run_cameras(server, f"run{i}", cameras, fps, seconds, jpeg, input_size))
-    title = f"Streaming, 1 CPU worker (1 thread), {size[0]}x{size[1]} JPEG -> metric_depth, vits input_size {input_size}"
-    columns = ["cameras", "fps", "s", "offered", "results/s", "drop ratio", "broker drops", "local drops", "unaccounted", "compute p50",
-               "latency p50", "p90", "p99", "age p50", "wait p50", "wait p99", "latency first/last p50", "wait first/last p50"]
-    table = print_table(f"{title} (latency: capture -> published; wait = latency - compute; ms)", columns,
-                        [(r["cameras"], r["fps"], r["duration_s"], r["offered"], r["results_per_s"], r["drop_ratio"], r["broker_drops"], r["local_drops"],
-                          r["unaccounted"], r["compute_p50"], r["latency_p50"], r["latency_p90"], r["latency_p99"], r["age_p50"], r["wait_p50"], r["wait_p99"],
-                          _first_last(r["latency_flatness"]), _first_last(r["wait_flatness"])) for r in runs])
+    title = (
+        f"Streaming, 1 CPU worker (1 thread), {size[0]}x{size[1]} JPEG -> metric_depth, vits input_size {input_size}"
+    )
+    columns = [
+        "cameras",
+        "fps",
+        "s",
+        "offered",
+        "results/s",
+        "drop ratio",
+        "broker drops",
+        "local drops",
+        "unaccounted",
+        "compute p50",
+        "latency p50",
+        "p90",
+        "p99",
+        "age p50",
+        "wait p50",
+        "wait p99",
+        "latency first/last p50",
+        "wait first/last p50",
+    ]
+    table = print_table(
+        f"{title} (latency: capture -> published; wait = latency - compute; ms)",
+        columns,
+        [
+            (
+                r["cameras"],
+                r["fps"],
+                r["duration_s"],
+                r["offered"],
+                r["results_per_s"],
+                r["drop_ratio"],
+                r["broker_drops"],
+                r["local_drops"],
+                r["unaccounted"],
+                r["compute_p50"],
+                r["latency_p50"],
+                r["latency_p90"],
+                r["latency_p99"],
+                r["age_p50"],
+                r["wait_p50"],
+                r["wait_p99"],
+                _first_last(r["latency_flatness"]),
+                _first_last(r["wait_flatness"]),
+            )
+            for r in runs
+        ],
+    )
     goals = flatness_goals(runs[-1], long_s)
     print_goals(goals)
     plot(runs, args.out_dir, title)
-    config = {"size": f"{size[0]}x{size[1]}", "image_bytes": len(jpeg), "input_size": input_size, "workers": 1,
-              "duration_s": duration, "long_s": long_s, "quick": args.quick}
+    config = {
+        "size": f"{size[0]}x{size[1]}",
+        "image_bytes": len(jpeg),
+        "input_size": input_size,
+        "workers": 1,
+        "duration_s": duration,
+        "long_s": long_s,
+        "quick": args.quick,
+    }
     write_results(args.out_dir, "stream", {"config": config, "runs": runs, "goals": goals, "table": table})
     return {"runs": runs, "goals": goals}
 
@@ -207,20 +287,26 @@ def flatness_goals(long_run: dict, long_s: float) -> list:
     the first to the last window; the part the design controls (latency minus the worker's
     compute, which drifts with the machine's other load, and is naturally anywhere between 0
     and one frame period) by at most one frame period."""
-    context = (f"model {long_run['results_per_s']} results/s vs camera {LONG_FPS} fps; {long_run['broker_drops']} broker + "
-               f"{long_run['local_drops']} local drops counted, {long_run['unaccounted']} unaccounted")
+    context = (
+        f"model {long_run['results_per_s']} results/s vs camera {LONG_FPS} fps; {long_run['broker_drops']} broker + "
+        f"{long_run['local_drops']} local drops counted, {long_run['unaccounted']} unaccounted"
+    )
     latency, wait = long_run["latency_flatness"], long_run["wait_flatness"]
     period_ms = 1000.0 / LONG_FPS
     growth = wait["last_p50"] - wait["first_p50"]
     window = f"last {FLAT_WINDOW_S:g} s p50 vs first"
     return [
-        goal(f"latency flat over a {long_s:g} s run at {LONG_FPS} fps with a slower model ({window} <= {FLAT_RATIO_GOAL}x)",
-             f"{latency['first_p50']:.1f} -> {latency['last_p50']:.1f} ms ({latency['last_over_first']}x), slope {latency['slope_ms_per_min']} ms/min; "
-             f"compute p50 {long_run['compute_p50']:.1f} ms; {context}",
-             None if latency["last_over_first"] is None else latency["last_over_first"] <= FLAT_RATIO_GOAL),
-        goal(f"latency minus compute flat over the same run ({window} + one frame period, {period_ms:.0f} ms)",
-             f"{wait['first_p50']:.1f} -> {wait['last_p50']:.1f} ms ({growth:+.1f} ms), slope {wait['slope_ms_per_min']} ms/min",
-             growth <= period_ms),
+        goal(
+            f"latency flat over a {long_s:g} s run at {LONG_FPS} fps with a slower model ({window} <= {FLAT_RATIO_GOAL}x)",
+            f"{latency['first_p50']:.1f} -> {latency['last_p50']:.1f} ms ({latency['last_over_first']}x), slope {latency['slope_ms_per_min']} ms/min; "
+            f"compute p50 {long_run['compute_p50']:.1f} ms; {context}",
+            None if latency["last_over_first"] is None else latency["last_over_first"] <= FLAT_RATIO_GOAL,
+        ),
+        goal(
+            f"latency minus compute flat over the same run ({window} + one frame period, {period_ms:.0f} ms)",
+            f"{wait['first_p50']:.1f} -> {wait['last_p50']:.1f} ms ({growth:+.1f} ms), slope {wait['slope_ms_per_min']} ms/min",
+            growth <= period_ms,
+        ),
     ]
 
 
@@ -235,20 +321,34 @@ def plot(runs: list, out_dir, title: str) -> None:
     long_run = runs[-1]
     points = np.array(long_run["points"]).reshape(-1, 2)
     long_axis.plot(points[:, 0], points[:, 1], ".", markersize=3, color="#bbbbbb", label="each result's latency")
-    for key, style, label in (("latency_p50", "-", "latency p50"), ("compute_p50", "--", "worker compute p50"), ("wait_p50", ":", "latency - compute p50")):
+    for key, style, label in (
+        ("latency_p50", "-", "latency p50"),
+        ("compute_p50", "--", "worker compute p50"),
+        ("wait_p50", ":", "latency - compute p50"),
+    ):
         bins = [b for b in long_run["timeline"] if b[key] is not None]
         long_axis.plot([b["t"] + 0.5 for b in bins], [b[key] for b in bins], style, linewidth=2, label=label)
     long_axis.set_ylabel("ms")
     long_axis.set_ylim(bottom=0)
-    long_axis.set_title(f"{title}\n1 camera x {long_run['fps']} fps for {long_run['duration_s']:g} s (capture -> published)", fontsize=9)
+    long_axis.set_title(
+        f"{title}\n1 camera x {long_run['fps']} fps for {long_run['duration_s']:g} s (capture -> published)", fontsize=9
+    )
     long_axis.legend(fontsize=7)
     for r in runs:
         label = f"{r['cameras']} cam x {r['fps']} fps" + (f" ({r['duration_s']:g} s run)" if r is long_run else "")
         bins = [b for b in r["timeline"] if b["drop_ratio"] is not None]
-        drop_axis.plot([b["t"] + 0.5 for b in bins], [b["drop_ratio"] for b in bins], "-", linewidth=2 if r is long_run else 1, label=label)
+        drop_axis.plot(
+            [b["t"] + 0.5 for b in bins],
+            [b["drop_ratio"] for b in bins],
+            "-",
+            linewidth=2 if r is long_run else 1,
+            label=label,
+        )
         if r is not long_run:
             bins = [b for b in r["timeline"] if b["latency_p50"] is not None]
-            short_axis.plot([b["t"] + 0.5 for b in bins], [b["latency_p50"] for b in bins], "o-", markersize=3, label=label)
+            short_axis.plot(
+                [b["t"] + 0.5 for b in bins], [b["latency_p50"] for b in bins], "o-", markersize=3, label=label
+            )
     short_axis.set_ylabel("latency p50 per second, ms")
     short_axis.set_ylim(bottom=0)
     short_axis.legend(fontsize=7, ncol=3)

@@ -28,8 +28,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clients import DepthClient
-
 from bench.common import (
     ZdepthServer,
     child_pids,
@@ -42,12 +40,13 @@ from bench.common import (
     print_table,
     progress,
     pyplot,
+    sample_jpeg,
     save_figure,
     summarize,
-    sample_jpeg,
     workdir,
     write_results,
 )
+from clients import DepthClient
 
 DEFAULT_INPUT_SIZE = 112  # large enough that compute, which is what workers scale, dominates
 SCALING_GOAL = 1.7  # 2 CPU workers >= 1.7x the throughput of 1 (on 2 cores)
@@ -123,7 +122,9 @@ def measure_window(server: ZdepthServer, load: Load, duration_s: float, jpeg: by
     try:
         start.wait()
     except threading.BrokenBarrierError:
-        raise RuntimeError(f"a client failed before the window: {load.errors[0] if load.errors else 'unknown'}") from None
+        raise RuntimeError(
+            f"a client failed before the window: {load.errors[0] if load.errors else 'unknown'}"
+        ) from None
     pids = {"client": [os.getpid()], "broker": [server.proc.pid], "workers": child_pids(server.proc.pid)}
     cpu_before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
     t0 = time.perf_counter()
@@ -138,7 +139,9 @@ def measure_window(server: ZdepthServer, load: Load, duration_s: float, jpeg: by
     load.samples += [(rt, compute) for done, rt, compute in samples if t0 <= done <= t1]
 
 
-def measure_interleaved(configs: list, rounds: int, duration_s: float, jpeg: bytes, input_size: int, label: str) -> list:
+def measure_interleaved(
+    configs: list, rounds: int, duration_s: float, jpeg: bytes, input_size: int, label: str
+) -> list:
     """[(server, clients)] -> [Load]: each round gives every configuration a window of
     duration_s / rounds in turn, so the load other processes put on a shared machine falls on
     all configurations alike and their ratios stay meaningful."""
@@ -158,7 +161,11 @@ def _cpu_text(row: dict) -> str:
 
 
 def _common_arguments(parser, duration: float) -> None:
-    parser.add_argument("--duration", type=float, help=f"seconds of measurement per configuration, over all rounds (default {duration:g}; --quick: 1)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds of measurement per configuration, over all rounds (default {duration:g}; --quick: 1)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick: 1)")
     parser.add_argument("--size", help="image size WxH (default 640x480; --quick: 160x120)")
     parser.add_argument("--input-size", type=int, help=f"model input size (default {DEFAULT_INPUT_SIZE}; --quick: 56)")
@@ -187,16 +194,56 @@ def run_throughput(args) -> dict:
     with workdir() as tmp:
         progress(f"starting zdepth serve with {workers} CPU worker(s), 1 torch thread each")
         with ZdepthServer(Path(tmp), workers=workers, threads=1) as server:
-            progress(f"{client_counts} clients x {workers} worker(s), {duration:g} s each in {rounds} interleaved rounds")
-            rows = [load.summary() for load in measure_interleaved([(server, n) for n in client_counts], rounds, duration, jpeg, input_size, "throughput")]
+            progress(
+                f"{client_counts} clients x {workers} worker(s), {duration:g} s each in {rounds} interleaved rounds"
+            )
+            rows = [
+                load.summary()
+                for load in measure_interleaved(
+                    [(server, n) for n in client_counts], rounds, duration, jpeg, input_size, "throughput"
+                )
+            ]
     title = f"Throughput, {workers} CPU worker(s) x 1 thread, {size[0]}x{size[1]} JPEG -> metric_depth, vits input_size {input_size}, {duration:g} s per row"
-    table = print_table(title, ["clients", "req/s", "rt p50", "rt p90", "rt p99", "compute p50", "queueing p50", "errors", "CPU % client/broker/workers",
-                                "req/s per worker core"],
-                        [(r["clients"], r["rps"], r["rt_p50"], r["rt_p90"], r["rt_p99"], r["compute_p50"], round(r["rt_p50"] - r["compute_p50"], 3),
-                          r["errors"], _cpu_text(r), r["rps_per_worker_core"]) for r in rows])
+    table = print_table(
+        title,
+        [
+            "clients",
+            "req/s",
+            "rt p50",
+            "rt p90",
+            "rt p99",
+            "compute p50",
+            "queueing p50",
+            "errors",
+            "CPU % client/broker/workers",
+            "req/s per worker core",
+        ],
+        [
+            (
+                r["clients"],
+                r["rps"],
+                r["rt_p50"],
+                r["rt_p90"],
+                r["rt_p99"],
+                r["compute_p50"],
+                round(r["rt_p50"] - r["compute_p50"], 3),
+                r["errors"],
+                _cpu_text(r),
+                r["rps_per_worker_core"],
+            )
+            for r in rows
+        ],
+    )
     plot_throughput(rows, args.out_dir, title)
-    config = {"workers": workers, "threads_per_worker": 1, "size": f"{size[0]}x{size[1]}", "input_size": input_size, "duration_s": duration,
-              "rounds": rounds, "quick": args.quick}
+    config = {
+        "workers": workers,
+        "threads_per_worker": 1,
+        "size": f"{size[0]}x{size[1]}",
+        "input_size": input_size,
+        "duration_s": duration,
+        "rounds": rounds,
+        "quick": args.quick,
+    }
     write_results(args.out_dir, "throughput", {"config": config, "rows": rows, "table": table})
     return {"rows": rows}
 
@@ -226,7 +273,9 @@ def plot_throughput(rows: list, out_dir, title: str) -> None:
 
 
 def add_scaling_arguments(parser) -> None:
-    parser.add_argument("--max-workers", type=int, help="largest worker count (default: the number of cores, at least 2)")
+    parser.add_argument(
+        "--max-workers", type=int, help="largest worker count (default: the number of cores, at least 2)"
+    )
     _common_arguments(parser, 20.0)
 
 
@@ -239,25 +288,71 @@ def run_scaling(args) -> dict:
             progress(f"starting zdepth serve with {workers} CPU worker(s), 1 torch thread each")
             servers.append(stack.enter_context(ZdepthServer(Path(tmp), workers=workers, threads=1)))
         progress(f"1..{max_workers} workers with 2 clients each, {duration:g} s each in {rounds} interleaved rounds")
-        rows = [load.summary() for load in measure_interleaved([(s, 2 * s.workers) for s in servers], rounds, duration, jpeg, input_size, "scaling")]
+        rows = [
+            load.summary()
+            for load in measure_interleaved(
+                [(s, 2 * s.workers) for s in servers], rounds, duration, jpeg, input_size, "scaling"
+            )
+        ]
     for row in rows:
         row["speedup"] = round(row["rps"] / rows[0]["rps"], 2) if rows[0]["rps"] else None
         row["efficiency"] = round(row["speedup"] / row["workers"], 2) if row["speedup"] else None
     title = f"Scaling on {os.cpu_count()} cores, 1 torch thread per worker, 2 clients per worker, {size[0]}x{size[1]} -> metric_depth, input_size {input_size}"
-    table = print_table(title, ["workers", "clients", "req/s", "speed-up", "efficiency", "rt p50", "rt p90", "compute p50", "errors",
-                                "CPU % client/broker/workers", "req/s per worker core"],
-                        [(r["workers"], r["clients"], r["rps"], r["speedup"], r["efficiency"], r["rt_p50"], r["rt_p90"], r["compute_p50"],
-                          r["errors"], _cpu_text(r), r["rps_per_worker_core"]) for r in rows])
+    table = print_table(
+        title,
+        [
+            "workers",
+            "clients",
+            "req/s",
+            "speed-up",
+            "efficiency",
+            "rt p50",
+            "rt p90",
+            "compute p50",
+            "errors",
+            "CPU % client/broker/workers",
+            "req/s per worker core",
+        ],
+        [
+            (
+                r["workers"],
+                r["clients"],
+                r["rps"],
+                r["speedup"],
+                r["efficiency"],
+                r["rt_p50"],
+                r["rt_p90"],
+                r["compute_p50"],
+                r["errors"],
+                _cpu_text(r),
+                r["rps_per_worker_core"],
+            )
+            for r in rows
+        ],
+    )
     goals = []
     two = next((r for r in rows if r["workers"] == 2), None)
     if two is not None:
-        goals.append(goal(f"2 CPU workers >= {SCALING_GOAL}x the throughput of 1 ({os.cpu_count()} cores)",
-                          f"{two['speedup']:.2f}x ({two['rps']:.2f} vs {rows[0]['rps']:.2f} req/s); the workers got "
-                          f"{two['cpu_percent']['workers']:.0f} % vs {rows[0]['cpu_percent']['workers']:.0f} % of a core", two["speedup"] >= SCALING_GOAL))
+        goals.append(
+            goal(
+                f"2 CPU workers >= {SCALING_GOAL}x the throughput of 1 ({os.cpu_count()} cores)",
+                f"{two['speedup']:.2f}x ({two['rps']:.2f} vs {rows[0]['rps']:.2f} req/s); the workers got "
+                f"{two['cpu_percent']['workers']:.0f} % vs {rows[0]['cpu_percent']['workers']:.0f} % of a core",
+                two["speedup"] >= SCALING_GOAL,
+            )
+        )
     print_goals(goals)
     plot_scaling(rows, args.out_dir, title)
-    config = {"max_workers": max_workers, "threads_per_worker": 1, "clients_per_worker": 2, "size": f"{size[0]}x{size[1]}",
-              "input_size": input_size, "duration_s": duration, "rounds": rounds, "quick": args.quick}
+    config = {
+        "max_workers": max_workers,
+        "threads_per_worker": 1,
+        "clients_per_worker": 2,
+        "size": f"{size[0]}x{size[1]}",
+        "input_size": input_size,
+        "duration_s": duration,
+        "rounds": rounds,
+        "quick": args.quick,
+    }
     write_results(args.out_dir, "scaling", {"config": config, "rows": rows, "goals": goals, "table": table})
     return {"rows": rows, "goals": goals}
 
@@ -270,10 +365,21 @@ def plot_scaling(rows: list, out_dir, title: str) -> None:
     workers = [r["workers"] for r in rows]
     axis.plot(workers, [r["rps"] for r in rows], "o-", color="#2e86ab", label="measured")
     axis.plot(workers, [rows[0]["rps"] * w for w in workers], "--", color="grey", label="linear (ideal)")
-    axis.plot(workers, [rows[0]["rps"] * (1 + (SCALING_GOAL - 1) * (w - 1)) for w in workers], ":", color="#d1495b", label=f"goal ({SCALING_GOAL}x at 2)")
+    axis.plot(
+        workers,
+        [rows[0]["rps"] * (1 + (SCALING_GOAL - 1) * (w - 1)) for w in workers],
+        ":",
+        color="#d1495b",
+        label=f"goal ({SCALING_GOAL}x at 2)",
+    )
     for r in rows:
-        axis.annotate(f"{r['speedup']}x, workers got {r['cpu_percent']['workers']:.0f} % of a core", (r["workers"], r["rps"]),
-                      textcoords="offset points", xytext=(-60, -14), fontsize=8)
+        axis.annotate(
+            f"{r['speedup']}x, workers got {r['cpu_percent']['workers']:.0f} % of a core",
+            (r["workers"], r["rps"]),
+            textcoords="offset points",
+            xytext=(-60, -14),
+            fontsize=8,
+        )
     axis.set_xticks(workers)
     axis.set_ylim(bottom=0)
     axis.set_xlabel("CPU workers (1 torch thread each)")

@@ -60,7 +60,9 @@ PUBLIC_RCVHWM = 16  # whole messages libzmq queues per connection on a public so
 # health `status`: `ready` is true for the first two (docs/protocol.md section 8).
 HEALTHY = "healthy"  # every expected worker ready, queue under 80 %
 DEGRADED = "degraded"  # serving, but fewer ready workers than serve started, or the queue at least 80 % full
-NOT_READY = "not_ready"  # workers connected, none ready yet (loading, warming up, or its warm-up failed: see workers[].problem)
+NOT_READY = (
+    "not_ready"  # workers connected, none ready yet (loading, warming up, or its warm-up failed: see workers[].problem)
+)
 NO_WORKERS = "no_workers"  # no worker connected
 DRAINING = "draining"  # SIGTERM/SIGINT received: finishing accepted work, refusing new work
 HEALTH_STATUSES = (HEALTHY, DEGRADED, NOT_READY, NO_WORKERS, DRAINING)
@@ -161,7 +163,9 @@ class Broker:
         self._reload = threading.Event()
         self._reported_reload_error: Optional[str] = None
         self._loop_seen = self.started  # monotonic: the poll loop's last turn (the exporter's /healthz)
-        self.on_worker_lost: Optional[Callable[[WorkerRecord, str], None]] = None  # serve: restart a dead or hung worker
+        self.on_worker_lost: Optional[Callable[[WorkerRecord, str], None]] = (
+            None  # serve: restart a dead or hung worker
+        )
         self._sockets: list = []
         self.curve: Optional[CurveServer] = None
         self.exporter: Optional[PrometheusExporter] = None
@@ -187,7 +191,9 @@ class Broker:
         self.backend = self._worker_socket(plain)
         self.remote_backend = self._worker_socket([remote], secure=True) if remote else None
         self.stream = self._socket(zmq.PULL, [config.stream], frame_cap) if config.stream else None
-        self.pub = self._socket(zmq.PUB, [config.pub], PUB_MAX_INBOUND_BYTES, sndhwm=config.pub_hwm) if config.pub else None
+        self.pub = (
+            self._socket(zmq.PUB, [config.pub], PUB_MAX_INBOUND_BYTES, sndhwm=config.pub_hwm) if config.pub else None
+        )
         self.imagezmq = self._socket(zmq.REP, [config.imagezmq], frame_cap) if config.imagezmq else None
         try:
             self.imagezmq_pub = imagezmq.PubSenders(self.context, config.imagezmq_sub, frame_cap)
@@ -196,7 +202,14 @@ class Broker:
         self._sockets += self.imagezmq_pub.sockets()
         self._imagezmq_seq: collections.Counter = collections.Counter()
         self.poller = zmq.Poller()
-        for sock in (self.frontend, self.backend, self.remote_backend, self.stream, self.imagezmq, *self.imagezmq_pub.sockets()):
+        for sock in (
+            self.frontend,
+            self.backend,
+            self.remote_backend,
+            self.stream,
+            self.imagezmq,
+            *self.imagezmq_pub.sockets(),
+        ):
             if sock is not None:
                 self.poller.register(sock, zmq.POLLIN)
         if config.metrics_port is not None:
@@ -208,7 +221,9 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         return sock
 
-    def _socket(self, kind: int, endpoints: list, max_frame: Optional[int], sndhwm: int = 1000, zap_domain: Optional[str] = None) -> zmq.Socket:
+    def _socket(
+        self, kind: int, endpoints: list, max_frame: Optional[int], sndhwm: int = 1000, zap_domain: Optional[str] = None
+    ) -> zmq.Socket:
         """A bound socket. `max_frame` marks a public socket: it gets MAXMSGSIZE, handshake and
         heartbeat timeouts and, when configured, CURVE; a worker socket (max_frame None) is a
         CURVE server only with `zap_domain` (the remote workers' one)."""
@@ -249,8 +264,14 @@ class Broker:
             signal.signal(signal.SIGTERM, lambda *_: self.drain())
             if hasattr(signal, "SIGHUP"):
                 signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        log.info("broker up: frontend %s backend %s stream %s pub %s%s", self.config.frontends, self.config.backend,
-                 self.config.stream, self.config.pub, " (CURVE)" if self.curve else "")
+        log.info(
+            "broker up: frontend %s backend %s stream %s pub %s%s",
+            self.config.frontends,
+            self.config.backend,
+            self.config.stream,
+            self.config.pub,
+            " (CURVE)" if self.curve else "",
+        )
         try:
             while not self._stop.is_set() and not self._drained(time.monotonic()):
                 self.poll_once()
@@ -285,8 +306,12 @@ class Broker:
             return False
         if self._draining_since is None:
             self._draining_since = now
-            log.warning("draining: %d queued, %d computing; new work is answered shutting_down (up to %.0f s, --drain-timeout)",
-                        len(self.queue) + self.streams.pending_count(), self._in_flight(), self.config.drain_timeout_s)
+            log.warning(
+                "draining: %d queued, %d computing; new work is answered shutting_down (up to %.0f s, --drain-timeout)",
+                len(self.queue) + self.streams.pending_count(),
+                self._in_flight(),
+                self.config.drain_timeout_s,
+            )
         idle = not self.queue and not self.streams.has_work() and not self._in_flight()
         return idle or now - self._draining_since >= self.config.drain_timeout_s
 
@@ -324,7 +349,10 @@ class Broker:
             self._drain(sock, self._on_imagezmq_frame)
         for endpoint in self.imagezmq_pub.reconnect(events):
             self.metrics.count("imagezmq_reconnects")
-            log.warning("imagezmq sender %s disconnected (stopped, or sent a message over the size cap): connecting again", endpoint)
+            log.warning(
+                "imagezmq sender %s disconnected (stopped, or sent a message over the size cap): connecting again",
+                endpoint,
+            )
         now = time.monotonic()
         self._tick(now)
         self._dispatch(now)
@@ -358,7 +386,9 @@ class Broker:
         for identity in list(self.workers):
             self._send_worker(identity, [P.W_DISCONNECT])
         for sock in self._sockets:  # answers already sent to clients and subscribers get a moment to leave
-            sock.close(linger=P.FLUSH_LINGER_MS if sock in (getattr(self, "frontend", None), getattr(self, "pub", None)) else 0)
+            sock.close(
+                linger=P.FLUSH_LINGER_MS if sock in (getattr(self, "frontend", None), getattr(self, "pub", None)) else 0
+            )
         self._sockets.clear()
         if self.curve is not None:
             self.curve.close()
@@ -393,7 +423,9 @@ class Broker:
         job.method = P.check_envelope_header(job.header)
         size = sum(len(P.frame_buffer(frame)) for frame in body)
         if size > self.config.max_request_bytes:
-            raise P.ZDepthError(P.TOO_LARGE, f"request is {size} bytes; the limit is {self.config.max_request_bytes} (--max-request-mb)")
+            raise P.ZDepthError(
+                P.TOO_LARGE, f"request is {size} bytes; the limit is {self.config.max_request_bytes} (--max-request-mb)"
+            )
         request_id = P.safe_id(job.header)
         if job.method == P.HEALTH:
             return self._answer(job, P.ok_header(request_id, **self.health()))
@@ -409,7 +441,10 @@ class Broker:
         self._check_predict(job.header, body)
         self._check_accepting(now)
         if len(self.queue) >= self.config.max_queue:
-            raise P.ZDepthError(P.OVERLOADED, f"{len(self.queue)} requests are already waiting (limit {self.config.max_queue}, --max-queue); retry later")
+            raise P.ZDepthError(
+                P.OVERLOADED,
+                f"{len(self.queue)} requests are already waiting (limit {self.config.max_queue}, --max-queue); retry later",
+            )
         owners = (client, ("key", job.key_name)) if job.key_name else (client,)
         self.budget.reserve(owners, size)
         job.size, job.owners, job.frames = size, owners, _without_key(job.header, body)
@@ -420,9 +455,14 @@ class Broker:
     def _check_accepting(self, now: float) -> None:
         """New work is refused while draining, and while no worker has been connected for the grace period."""
         if self.draining:
-            raise P.ZDepthError(P.SHUTTING_DOWN, "the server is shutting down and takes no new work; retry on another server or after its restart")
+            raise P.ZDepthError(
+                P.SHUTTING_DOWN,
+                "the server is shutting down and takes no new work; retry on another server or after its restart",
+            )
         if self._no_workers_for(now) is not None:
-            raise P.ZDepthError(P.WORKER_LOST, f"no worker has been connected for {self._no_workers_for(now):.1f} s; retry later")
+            raise P.ZDepthError(
+                P.WORKER_LOST, f"no worker has been connected for {self._no_workers_for(now):.1f} s; retry later"
+            )
 
     def _no_workers_for(self, now: float) -> Optional[float]:
         """Seconds without any worker, once that exceeds `no_worker_grace_s` (else None)."""
@@ -444,7 +484,10 @@ class Broker:
         name = self.keys.check(header.get("key"))
         if name is None:
             self.metrics.count("unauthorized")
-            raise P.ZDepthError(P.UNAUTHORIZED, "a valid `key` is required" if header.get("key") else "missing `key`: this server requires an API key")
+            raise P.ZDepthError(
+                P.UNAUTHORIZED,
+                "a valid `key` is required" if header.get("key") else "missing `key`: this server requires an API key",
+            )
         self.metrics.keyed(name)
         return name
 
@@ -473,9 +516,14 @@ class Broker:
         """The small error that stands in for a reply dropped over the client's reply budget."""
         self.metrics.count("replies_dropped")
         pending = self.replies.pending(job.envelope[0].bytes)
-        return P.error_header(P.safe_id(job.header), P.OVERLOADED, (
-            f"reply of {size} bytes dropped: this client has {pending} bytes of replies it has not read; "
-            f"the limit is {self.config.max_client_reply_bytes} (--max-client-reply-mb)"))
+        return P.error_header(
+            P.safe_id(job.header),
+            P.OVERLOADED,
+            (
+                f"reply of {size} bytes dropped: this client has {pending} bytes of replies it has not read; "
+                f"the limit is {self.config.max_client_reply_bytes} (--max-client-reply-mb)"
+            ),
+        )
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         self._answer(job, P.error_header(P.safe_id(job.header), code, message))
@@ -505,11 +553,19 @@ class Broker:
         level = logging.DEBUG if outcome == OK else logging.WARNING
         if not log.isEnabledFor(level):
             return
-        fields = {"id": P.safe_id(job.header), "method": job.method, "key": job.key_name, "outcome": outcome, "total_ms": round(latency_s * 1000.0, 3)}
+        fields = {
+            "id": P.safe_id(job.header),
+            "method": job.method,
+            "key": job.key_name,
+            "outcome": outcome,
+            "total_ms": round(latency_s * 1000.0, 3),
+        }
         if job.stream is not None:
             fields.update(stream=job.stream, seq=_seq(job.header))
         if job.worker is not None:
-            fields.update(worker=job.worker, attempts=job.attempts, wait_ms=round((job.dispatched - job.received) * 1000.0, 3))
+            fields.update(
+                worker=job.worker, attempts=job.attempts, wait_ms=round((job.dispatched - job.received) * 1000.0, 3)
+            )
         timing = header.get("timing")
         if outcome == OK and isinstance(timing, dict):
             fields.update({k: v for k, v in timing.items() if isinstance(k, str) and isinstance(v, (int, float))})
@@ -545,7 +601,9 @@ class Broker:
             meta = imagezmq.metadata(frames)
             name = imagezmq.stream_name(meta)
             self._imagezmq_seq[name] += 1
-            header, image = imagezmq.stream_frame(meta, frames, name, self._imagezmq_seq[name], self.config.imagezmq_fields)
+            header, image = imagezmq.stream_frame(
+                meta, frames, name, self._imagezmq_seq[name], self.config.imagezmq_fields
+            )
             self._admit_stream_frame(header, [P.packb(header), image], _peer_address(frames[0]), authorized=True)
         except P.ZDepthError as error:
             self._reject_stream_frame(name, error)
@@ -561,7 +619,10 @@ class Broker:
         key_name = None if authorized else self._authorize(header)
         size = sum(len(P.frame_buffer(frame)) for frame in frames)
         if size > self.config.max_request_bytes:
-            raise P.ZDepthError(P.TOO_LARGE, f"stream frame is {size} bytes; the limit is {self.config.max_request_bytes} (--max-request-mb)")
+            raise P.ZDepthError(
+                P.TOO_LARGE,
+                f"stream frame is {size} bytes; the limit is {self.config.max_request_bytes} (--max-request-mb)",
+            )
         self._check_predict(header, frames)
         now = time.monotonic()
         self._check_accepting(now)
@@ -572,9 +633,22 @@ class Broker:
             self._release(evicted)
         if stats is None:
             self.budget.release(owners, size)
-            raise P.ZDepthError(P.OVERLOADED, f"stream table full ({self.config.max_streams} streams, each source holding at most as many as yours)")
-        job = Job(method, header, now, stream=name, frames=_without_key(header, frames), ticket=next(self.tickets), key_name=key_name,
-                  size=size, owners=owners, t_received=time.time())
+            raise P.ZDepthError(
+                P.OVERLOADED,
+                f"stream table full ({self.config.max_streams} streams, each source holding at most as many as yours)",
+            )
+        job = Job(
+            method,
+            header,
+            now,
+            stream=name,
+            frames=_without_key(header, frames),
+            ticket=next(self.tickets),
+            key_name=key_name,
+            size=size,
+            owners=owners,
+            t_received=time.time(),
+        )
         replaced = self.streams.put(name, job, now)
         if replaced is not None:
             self._release(replaced)
@@ -583,7 +657,9 @@ class Broker:
         self.metrics.count("stream_rejected")
         self.metrics.error(error.code)
         self.streams.count_rejected(name)
-        log.warning("stream frame rejected", extra={"fields": {"stream": name, "outcome": error.code, "error": error.message}})
+        log.warning(
+            "stream frame rejected", extra={"fields": {"stream": name, "outcome": error.code, "error": error.message}}
+        )
 
     def _publish(self, job: Job, header: dict, data: list) -> None:
         t_done = time.time()
@@ -623,7 +699,9 @@ class Broker:
             return
         command = frames[2].bytes
         if command == P.W_READY:
-            self._register(identity, frames[3:], now, sock, _curve_key(frames[0]) if sock is self.remote_backend else None)
+            self._register(
+                identity, frames[3:], now, sock, _curve_key(frames[0]) if sock is self.remote_backend else None
+            )
             return
         worker = self.workers.get(identity)
         if worker is None or worker.sock is not sock:
@@ -656,10 +734,19 @@ class Broker:
         old = self.workers.get(identity)
         if old is not None:  # re-registered: whatever it was computing is gone
             self._remove_worker(old, "it registered again", now)
-        worker = WorkerRecord(identity, dict(worker_info(info), key=key), worker_capacity(info.get("capacity")), now + self._liveness_s, sock=sock)
+        worker = WorkerRecord(
+            identity,
+            dict(worker_info(info), key=key),
+            worker_capacity(info.get("capacity")),
+            now + self._liveness_s,
+            sock=sock,
+        )
         self.workers[identity] = worker
         self._no_worker_since = None
-        log.info("worker ready", extra={"fields": {"worker": worker.name, "device": worker.info["device"], "capacity": worker.capacity}})
+        log.info(
+            "worker ready",
+            extra={"fields": {"worker": worker.name, "device": worker.info["device"], "capacity": worker.capacity}},
+        )
 
     def _on_reply(self, worker: WorkerRecord, rest: list) -> None:
         try:
@@ -669,7 +756,9 @@ class Broker:
         ticket = meta.get("t") if isinstance(meta, dict) else None
         job = worker.inflight.pop(ticket, None) if isinstance(ticket, int) else None
         if job is None or job.answered:
-            self.metrics.count("malformed_worker" if job is None else "late_replies")  # garbage, or answered at its deadline
+            self.metrics.count(
+                "malformed_worker" if job is None else "late_replies"
+            )  # garbage, or answered at its deadline
             return
         worker.served += 1
         try:
@@ -706,7 +795,10 @@ class Broker:
         self.workers.pop(worker.identity, None)
         if not self.workers:
             self._no_worker_since = now
-        log.warning("worker removed", extra={"fields": {"worker": worker.name, "reason": reason, "in_flight": len(worker.inflight)}})
+        log.warning(
+            "worker removed",
+            extra={"fields": {"worker": worker.name, "reason": reason, "in_flight": len(worker.inflight)}},
+        )
         self.metrics.count("workers_lost")
         for job in worker.inflight.values():
             if job.answered:
@@ -782,7 +874,9 @@ class Broker:
             if self.rates is not None:
                 self.rates.prune(now)
             self.replies.prune()
-            for name in [n for n in self._imagezmq_seq if n not in self.streams.stats]:  # senders gone from the stream table
+            for name in [
+                n for n in self._imagezmq_seq if n not in self.streams.stats
+            ]:  # senders gone from the stream table
                 del self._imagezmq_seq[name]
         if self._reload.is_set():  # SIGHUP: keys and CURVE client certificates
             self._reload.clear()
@@ -804,7 +898,9 @@ class Broker:
             else:
                 for job in worker.inflight.values():
                     if not job.answered and job.deadline <= now:
-                        self._fail(job, P.TIMEOUT, f"the deadline passed while worker {worker.name} computed the request")
+                        self._fail(
+                            job, P.TIMEOUT, f"the deadline passed while worker {worker.name} computed the request"
+                        )
         without_workers = self._no_workers_for(now)
         if without_workers is not None and (self.queue or self.streams.has_work()):
             for job in self._take_waiting():
@@ -880,7 +976,9 @@ class Broker:
                 "owners": len(self.budget.by_owner),
             },
             "key_reload_error": self.keys.reload_error,
-            "rate_limit": None if self.rates is None else {"rps": self.rates.rate, "burst": self.rates.burst, "buckets": len(self.rates)},
+            "rate_limit": None
+            if self.rates is None
+            else {"rps": self.rates.rate, "burst": self.rates.burst, "buckets": len(self.rates)},
             "workers": len(self.workers),
             "streams": self.streams.as_dict(),
             "stream_frames": self._stream_totals(),

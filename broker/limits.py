@@ -39,7 +39,10 @@ class ByteBudget:
         `too_large` when the request alone exceeds an owner's cap, else `overloaded`."""
         owners = tuple(owners)
         if owners and size > self.owner_limit:
-            raise P.ZDepthError(P.TOO_LARGE, f"request is {_mb(size)}; one client may have at most {_mb(self.owner_limit)} in flight (--max-client-inflight-mb)")
+            raise P.ZDepthError(
+                P.TOO_LARGE,
+                f"request is {_mb(size)}; one client may have at most {_mb(self.owner_limit)} in flight (--max-client-inflight-mb)",
+            )
         for owner in owners:
             held = self.by_owner.get(owner, 0)
             if held + size > self.owner_limit:
@@ -50,7 +53,8 @@ class ByteBudget:
                 )
         if self.total + size > self.total_limit:
             raise P.ZDepthError(
-                P.OVERLOADED, f"the server holds {_mb(self.total)} of requests; the limit is {_mb(self.total_limit)} (--max-inflight-mb); retry later"
+                P.OVERLOADED,
+                f"the server holds {_mb(self.total)} of requests; the limit is {_mb(self.total_limit)} (--max-inflight-mb); retry later",
             )
         self.total += size
         for owner in owners:

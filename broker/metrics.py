@@ -41,7 +41,7 @@ def method_label(method: Any) -> str:
 
 
 def outcome_of(header: Any) -> str:
-    """"ok", or the error code of a reply header; INTERNAL for anything a worker garbled."""
+    """ "ok", or the error code of a reply header; INTERNAL for anything a worker garbled."""
     if not isinstance(header, dict):
         return P.INTERNAL
     if header.get("ok") is True:
@@ -104,7 +104,9 @@ class Metrics:
         result = []
         for method, counts in list(self._buckets.items()):
             cumulative = list(itertools.accumulate(counts))
-            result.append((method, list(zip([*map(str, LATENCY_BUCKETS_S), "+Inf"], cumulative)), self._latency_sum[method]))
+            result.append(
+                (method, list(zip([*map(str, LATENCY_BUCKETS_S), "+Inf"], cumulative)), self._latency_sum[method])
+            )
         return result
 
 
@@ -152,7 +154,9 @@ class PrometheusExporter:
                 return metrics_app(environ, start_response)
             live = self.gauges()
             state = {name: live[name] for name in ("status", "live", "ready")}
-            start_response("200 OK" if state[probe] else "503 Service Unavailable", [("Content-Type", "application/json")])
+            start_response(
+                "200 OK" if state[probe] else "503 Service Unavailable", [("Content-Type", "application/json")]
+            )
             return [json.dumps(state).encode()]
 
         self._server = make_server(host, port, app, _http_server_class(host), _QuietHandler)
@@ -165,25 +169,39 @@ class PrometheusExporter:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         m = self.metrics
-        requests = CounterMetricFamily("zdepth_requests", "Requests answered, by method and outcome (ok or an error code)", labels=["method", "outcome"])
+        requests = CounterMetricFamily(
+            "zdepth_requests",
+            "Requests answered, by method and outcome (ok or an error code)",
+            labels=["method", "outcome"],
+        )
         for (method, outcome), n in list(m.outcomes.items()):
             requests.add_metric([method, outcome], n)
         yield requests
-        errors = CounterMetricFamily("zdepth_errors", "Errors by code, including rejected stream frames", labels=["code"])
+        errors = CounterMetricFamily(
+            "zdepth_errors", "Errors by code, including rejected stream frames", labels=["code"]
+        )
         for code, n in list(m.errors.items()):
             errors.add_metric([code], n)
         yield errors
-        events = CounterMetricFamily("zdepth_events", "Broker events: malformed messages, late replies, retries, lost workers", labels=["event"])
+        events = CounterMetricFamily(
+            "zdepth_events", "Broker events: malformed messages, late replies, retries, lost workers", labels=["event"]
+        )
         for event, n in list(m.events.items()):
             events.add_metric([event], n)
         yield events
-        latency = HistogramMetricFamily("zdepth_request_latency_seconds", "Receipt to answer, per method", labels=["method"])
+        latency = HistogramMetricFamily(
+            "zdepth_request_latency_seconds", "Receipt to answer, per method", labels=["method"]
+        )
         for method, buckets, total_s in m.histograms():
             latency.add_metric([method], buckets, total_s)
         yield latency
         live = self.gauges()
-        for name, doc in (("queue_depth", "Requests waiting for a worker"), ("workers", "Registered workers"),
-                          ("in_flight", "Requests on workers"), ("bytes_held", "Bytes of requests queued or in flight")):
+        for name, doc in (
+            ("queue_depth", "Requests waiting for a worker"),
+            ("workers", "Registered workers"),
+            ("in_flight", "Requests on workers"),
+            ("bytes_held", "Bytes of requests queued or in flight"),
+        ):
             yield GaugeMetricFamily(f"zdepth_{name}", doc, value=live[name])
         frames = CounterMetricFamily("zdepth_stream_frames", "Camera frames by what became of them", labels=["state"])
         for state, n in live["stream_frames"].items():

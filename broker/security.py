@@ -75,11 +75,16 @@ class CurveServer:
         if self.config.secures_clients:
             location = zmq.auth.CURVE_ALLOW_ANY if self.config.allow_any else self.config.clients_dir
             self._auth.configure_curve(domain=ZAP_DOMAIN, location=location)
-        for kind, domain, folder in (("client", ZAP_DOMAIN, self.config.clients_dir), ("worker", WORKER_ZAP_DOMAIN, self.config.workers_dir)):
+        for kind, domain, folder in (
+            ("client", ZAP_DOMAIN, self.config.clients_dir),
+            ("worker", WORKER_ZAP_DOMAIN, self.config.workers_dir),
+        ):
             if folder is not None:
                 if domain == WORKER_ZAP_DOMAIN:
                     self._auth.configure_curve(domain=domain, location=folder)
-                log.info("CURVE: %d allowed %s certificate(s) in %s", len(list(Path(folder).glob("*.key"))), kind, folder)
+                log.info(
+                    "CURVE: %d allowed %s certificate(s) in %s", len(list(Path(folder).glob("*.key"))), kind, folder
+                )
 
     def secure(self, sock: zmq.Socket, domain: str = ZAP_DOMAIN) -> None:
         """Make `sock` a CURVE server whose peers the ZAP handler checks against `domain`'s
@@ -99,7 +104,9 @@ def load_server_keys(path: str) -> tuple[bytes, bytes]:
         raise ConfigError(f"--curve-secret-file {path}: no such file (create one with `zdepth keygen NAME --dir DIR`)")
     public, secret = zmq.auth.load_certificate(path)
     if not secret:
-        raise ConfigError(f"--curve-secret-file {path} holds no secret key: give the NAME.key_secret file, not NAME.key")
+        raise ConfigError(
+            f"--curve-secret-file {path} holds no secret key: give the NAME.key_secret file, not NAME.key"
+        )
     if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("CURVE secret key file %s is readable by other users; chmod 600 it", path)
     return public, secret

@@ -38,7 +38,13 @@ class WorkerRecord:
     def as_dict(self) -> dict:
         """What health shows: READY's checked fields (with `key`, the CURVE public key a remote
         worker authenticated with, else None), capacity and load."""
-        return {**self.info, "name": self.name, "capacity": self.capacity, "busy": len(self.inflight), "served": self.served}
+        return {
+            **self.info,
+            "name": self.name,
+            "capacity": self.capacity,
+            "busy": len(self.inflight),
+            "served": self.served,
+        }
 
 
 def _text(value: Any, limit: int = 256) -> Optional[str]:
@@ -59,7 +65,9 @@ def worker_state(status: dict) -> dict:
         "ready": status.get("ready") is True,
         "graphs": worker_models(status.get("graphs")),  # compiled graphs: short strings too, as models
         "warming": status.get("warming") is True,
-        "problem": status["problem"][:512] if isinstance(status.get("problem"), str) else None,  # a long message is cut, not dropped
+        "problem": status["problem"][:512]
+        if isinstance(status.get("problem"), str)
+        else None,  # a long message is cut, not dropped
     }
 
 

@@ -13,7 +13,14 @@
 Importing this package never imports torch or OpenCV.
 """
 
-from .api import decode_pointcloud, encode_image, get_health, predict_metric_depth, predict_pointcloud, predict_relative_depth
+from .api import (
+    decode_pointcloud,
+    encode_image,
+    get_health,
+    predict_metric_depth,
+    predict_pointcloud,
+    predict_relative_depth,
+)
 from .client import DepthClient, DepthResult, PointCloudResult, ServerError, Timeout
 from .profiles import client_from_profile, load_profiles
 from .stream import CameraPublisher, DepthSubscriber, StreamResult

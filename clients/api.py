@@ -68,7 +68,9 @@ def predict_pointcloud(
     """Point cloud, like ``POST /pc``: {pointcloud: float32 (H*W, 3), shape, min, max, model, timing}.
 
     Unset model options come from the server profile, then the server's defaults (input 518)."""
-    client, opts, timeout = _resolve(server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size)
+    client, opts, timeout = _resolve(
+        server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size
+    )
     result = client.pointcloud(image, camera_intrinsics, max_depth, timeout=timeout, **opts)
     return {"pointcloud": result.points, "shape": list(result.points.shape), **_summary(result)}
 
@@ -88,7 +90,9 @@ def predict_metric_depth(
 ) -> dict:
     """Metric depth, like ``POST /metric_depth``: {depth_map: float32 (H, W) metres, shape, min,
     max, model, timing}. `camera_intrinsics` is accepted for compatibility; depth does not use it."""
-    client, opts, timeout = _resolve(server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size)
+    client, opts, timeout = _resolve(
+        server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size
+    )
     return _depth_dict(client.metric_depth(image, max_depth, timeout=timeout, **opts))
 
 
@@ -106,7 +110,9 @@ def predict_relative_depth(
 ) -> dict:
     """Relative depth, like ``POST /rel_depth`` (max_depth = 1): same keys as `predict_metric_depth`.
     `camera_intrinsics` is accepted for compatibility and unused."""
-    client, opts, timeout = _resolve(server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size)
+    client, opts, timeout = _resolve(
+        server, api_key, timeout, server_key, client_keys, encoder=encoder, dataset=dataset, input_size=model_input_size
+    )
     return _depth_dict(client.relative_depth(image, timeout=timeout, **opts))
 
 
@@ -127,7 +133,9 @@ def get_health(
     return health
 
 
-def decode_pointcloud(pointcloud: Union[np.ndarray, bytes, bytearray, memoryview, str], shape: Optional[Sequence[int]] = None) -> np.ndarray:
+def decode_pointcloud(
+    pointcloud: Union[np.ndarray, bytes, bytearray, memoryview, str], shape: Optional[Sequence[int]] = None
+) -> np.ndarray:
     """A point cloud as a float32 ndarray of `shape` (default (N, 3)).
 
     Takes the ndarray the new API returns (reshaped, not copied), raw float32 bytes, or the
@@ -173,7 +181,10 @@ def _resolve(
 
 
 def _cached_client(
-    endpoint: str, key: Optional[str], server_key: Optional[KeyInput] = None, client_keys: Optional[ClientKeysInput] = None
+    endpoint: str,
+    key: Optional[str],
+    server_key: Optional[KeyInput] = None,
+    client_keys: Optional[ClientKeysInput] = None,
 ) -> DepthClient:
     global _clients_pid
     with _clients_lock:
@@ -184,5 +195,7 @@ def _cached_client(
         cache_key = (endpoint, key, server_key, tuple(client_keys) if isinstance(client_keys, list) else client_keys)
         client = _clients.get(cache_key)
         if client is None:
-            client = _clients[cache_key] = DepthClient(endpoint, key=key, server_key=server_key, client_keys=client_keys)
+            client = _clients[cache_key] = DepthClient(
+                endpoint, key=key, server_key=server_key, client_keys=client_keys
+            )
         return client

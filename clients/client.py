@@ -179,7 +179,7 @@ class PointCloudResult(Result):
 
 
 def sniff_format(data: Union[bytes, bytearray, memoryview]) -> str:
-    """"jpeg" or "png" from the magic bytes, so callers never have to say which."""
+    """ "jpeg" or "png" from the magic bytes, so callers never have to say which."""
     head = bytes(data[:8])
     for magic, name in _MAGIC:
         if head.startswith(magic):
@@ -352,7 +352,9 @@ class DepthClient:
         self.key = key
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.defaults = {k: v for k, v in (("encoder", encoder), ("dataset", dataset), ("input_size", input_size)) if v is not None}
+        self.defaults = {
+            k: v for k, v in (("encoder", encoder), ("dataset", dataset), ("input_size", input_size)) if v is not None
+        }
         self._curve = curve_keys(server_key, client_keys)
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
@@ -391,7 +393,13 @@ class DepthClient:
     # -- predictions -------------------------------------------------------------------------
 
     def metric_depth(
-        self, image: ImageInput, max_depth: Optional[float] = None, *, channels: str = "bgr", timeout: Optional[float] = None, **opts: Any
+        self,
+        image: ImageInput,
+        max_depth: Optional[float] = None,
+        *,
+        channels: str = "bgr",
+        timeout: Optional[float] = None,
+        **opts: Any,
     ) -> DepthResult:
         """Depth in metres, float32 (H, W). `max_depth` defaults to the dataset's range (20 m
         hypersim, 80 m vkitti). `opts`: encoder, dataset, input_size, output_dtype,
@@ -402,9 +410,13 @@ class DepthClient:
         is on this host; at most half a count off (`result.counts`, `result.scale`).
         ``output_dtype="float32", compression="none"`` gets the model's exact float32 output."""
         opts = {**compact_defaults(P.METRIC_DEPTH, self.endpoint), **opts}
-        return depth_result(*self._predict(P.METRIC_DEPTH, image_message(image, channels), timeout, max_depth=max_depth, **opts))
+        return depth_result(
+            *self._predict(P.METRIC_DEPTH, image_message(image, channels), timeout, max_depth=max_depth, **opts)
+        )
 
-    def relative_depth(self, image: ImageInput, *, channels: str = "bgr", timeout: Optional[float] = None, **opts: Any) -> DepthResult:
+    def relative_depth(
+        self, image: ImageInput, *, channels: str = "bgr", timeout: Optional[float] = None, **opts: Any
+    ) -> DepthResult:
         """Relative depth, float32 (H, W): the metric model scaled to 0..1 (max_depth = 1), or
         the relative checkpoint's disparity with ``dataset="relative"``. Sent zstd-compressed
         (lossless) by default unless the server is on this host; uint16 is refused for relative depth."""
@@ -441,10 +453,16 @@ class DepthClient:
         640x480; `opts` may add output_dtype float16 and compression)."""
         if (intrinsics is None) == (camera_info is None):
             raise ValueError("give exactly one of intrinsics and camera_info")
-        camera = {"camera_info": camera_info_field(camera_info)} if camera_info is not None else {"intrinsics": intrinsics_dict(intrinsics)}
+        camera = (
+            {"camera_info": camera_info_field(camera_info)}
+            if camera_info is not None
+            else {"intrinsics": intrinsics_dict(intrinsics)}
+        )
         message = image_message(image, channels)
         if not server_side:
-            colors = rgb_pixels(*message) if with_color else None  # before the request: a decode error costs no round trip
+            colors = (
+                rgb_pixels(*message) if with_color else None
+            )  # before the request: a decode error costs no round trip
             opts = {**compact_defaults(P.METRIC_DEPTH, self.endpoint), **opts}
             depth = depth_result(*self._predict(P.METRIC_DEPTH, message, timeout, max_depth=max_depth, **opts))
             fields = Result.fields_from(depth.header)
@@ -456,7 +474,9 @@ class DepthClient:
         points = to_metres(arrays["points"], header["arrays"]["points"])
         return PointCloudResult(points=points, colors=arrays.get("colors"), **Result.fields_from(header))
 
-    def _predict(self, method: str, message: tuple[dict, list], timeout: Optional[float], **opts: Any) -> tuple[dict, dict]:
+    def _predict(
+        self, method: str, message: tuple[dict, list], timeout: Optional[float], **opts: Any
+    ) -> tuple[dict, dict]:
         allowed = set(P.SCHEMA["methods"][method]["fields"]) - {"image", "image_url"}
         unknown = sorted(set(opts) - allowed)
         if unknown:  # a typo like input_sise would otherwise be silently ignored by the server
@@ -468,7 +488,12 @@ class DepthClient:
     # -- the wire ----------------------------------------------------------------------------
 
     def request(
-        self, method: str, header_fields: Optional[Mapping[str, Any]] = None, frames: Iterable = (), *, timeout: Optional[float] = None
+        self,
+        method: str,
+        header_fields: Optional[Mapping[str, Any]] = None,
+        frames: Iterable = (),
+        *,
+        timeout: Optional[float] = None,
     ) -> tuple[dict, dict[str, np.ndarray]]:
         """Send one request and return the reply's (header, arrays).
 
@@ -491,7 +516,13 @@ class DepthClient:
                 if wait <= 0:
                     break
                 server_wait = wait - min(_SERVER_MARGIN_S, wait / 5)
-                header = P.request_header(method, id=request_id, key=self.key, timeout_ms=max(1, int(server_wait * 1000)), **(header_fields or {}))
+                header = P.request_header(
+                    method,
+                    id=request_id,
+                    key=self.key,
+                    timeout_ms=max(1, int(server_wait * 1000)),
+                    **(header_fields or {}),
+                )
                 self._socket.send_multipart([b"", P.packb(header), *frames], copy=False)
                 sent += 1
                 reply = self._receive(request_id, wait)
@@ -507,13 +538,21 @@ class DepthClient:
                 if header.get("ok") is True:
                     return header, arrays
                 last_error = ServerError.from_reply(header)
-                if not last_error.retryable or last_error.code == P.TIMEOUT:  # the server's timeout: the budget is spent
+                if (
+                    not last_error.retryable or last_error.code == P.TIMEOUT
+                ):  # the server's timeout: the budget is spent
                     raise last_error
                 time.sleep(max(0.0, min(_BACKOFF_S * 2**attempt, _BACKOFF_MAX_S, deadline - time.monotonic())))
             if last_error is not None:
                 raise last_error
-            hint = " (CURVE is on: a wrong server_key or a client key the server does not allow also looks like this)" if self._curve else ""
-            raise Timeout(f"no reply from {self.endpoint} to {method} within {timeout:g} s ({sent} {'try' if sent == 1 else 'tries'}){hint}")
+            hint = (
+                " (CURVE is on: a wrong server_key or a client key the server does not allow also looks like this)"
+                if self._curve
+                else ""
+            )
+            raise Timeout(
+                f"no reply from {self.endpoint} to {method} within {timeout:g} s ({sent} {'try' if sent == 1 else 'tries'}){hint}"
+            )
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.DEALER)

@@ -36,7 +36,17 @@ from .client import DepthClient
 ENV_VAR = "ZDEPTH_SERVERS"
 SAMPLE = Path(__file__).with_name("servers.yaml")
 _MODEL_KEYS = ("encoder", "dataset", "input_size")
-_PROFILE_KEYS = {"endpoint", "api_key", "api_key_env", "model", "timeout", "description", "server_key", "server_key_file", "client_key_file"}
+_PROFILE_KEYS = {
+    "endpoint",
+    "api_key",
+    "api_key_env",
+    "model",
+    "timeout",
+    "description",
+    "server_key",
+    "server_key_file",
+    "client_key_file",
+}
 
 # Parsed files by (path, mtime, size): the api functions resolve a profile on every call,
 # and re-parsing YAML each time would cost more than the request's own wire time.
@@ -144,8 +154,14 @@ def _profile(path: Path, name: str, entry: Any) -> Profile:
             raise ValueError(f"{where}: `{option}` must be a string, got {entry[option]!r}")
     if entry.get("server_key") is not None and entry.get("server_key_file") is not None:
         raise ValueError(f"{where}: give `server_key` or `server_key_file`, not both")
-    if entry.get("client_key_file") is not None and entry.get("server_key") is None and entry.get("server_key_file") is None:
-        raise ValueError(f"{where}: `client_key_file` needs `server_key` or `server_key_file` (CURVE needs the server's public key)")
+    if (
+        entry.get("client_key_file") is not None
+        and entry.get("server_key") is None
+        and entry.get("server_key_file") is None
+    ):
+        raise ValueError(
+            f"{where}: `client_key_file` needs `server_key` or `server_key_file` (CURVE needs the server's public key)"
+        )
     timeout = entry.get("timeout")
     return Profile(
         name=name,

@@ -45,7 +45,9 @@ class CurveKeys:
         socket.curve_secretkey = self.secret
 
 
-def curve_keys(server_key: Optional[KeyInput] = None, client_keys: Optional[ClientKeysInput] = None) -> Optional[CurveKeys]:
+def curve_keys(
+    server_key: Optional[KeyInput] = None, client_keys: Optional[ClientKeysInput] = None
+) -> Optional[CurveKeys]:
     """The keys for a client's sockets, or None for a plain (unencrypted) connection.
 
     Raises ValueError for a malformed key, a certificate without the needed key, a pair
@@ -53,20 +55,28 @@ def curve_keys(server_key: Optional[KeyInput] = None, client_keys: Optional[Clie
     (it would silently connect in clear)."""
     if server_key is None:
         if client_keys is not None:
-            raise ValueError("client_keys needs server_key too: without the server's public key the connection is not encrypted")
+            raise ValueError(
+                "client_keys needs server_key too: without the server's public key the connection is not encrypted"
+            )
         return None
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq was built without CURVE support; install a pyzmq wheel (it bundles libsodium)")
-    server_public = _certificate(server_key, "server_key")[0] if _is_file(server_key) else _z85(server_key, "server_key")
+    server_public = (
+        _certificate(server_key, "server_key")[0] if _is_file(server_key) else _z85(server_key, "server_key")
+    )
     if client_keys is None:
         public, secret = zmq.curve_keypair()
     elif _is_file(client_keys):
         public, secret = _certificate(client_keys, "client_keys")
         if secret is None:
-            raise ValueError(f"client_keys: {os.fsdecode(client_keys)!r} is a public certificate; give the NAME.key_secret file")
+            raise ValueError(
+                f"client_keys: {os.fsdecode(client_keys)!r} is a public certificate; give the NAME.key_secret file"
+            )
         secret = _z85(secret, "client_keys secret key")
     elif isinstance(client_keys, (str, bytes)):
-        raise ValueError(f"client_keys: no certificate file {os.fsdecode(client_keys)!r}; give a (public, secret) pair or a NAME.key_secret file")
+        raise ValueError(
+            f"client_keys: no certificate file {os.fsdecode(client_keys)!r}; give a (public, secret) pair or a NAME.key_secret file"
+        )
     else:
         if len(client_keys) != 2:
             raise ValueError("client_keys must be a (public, secret) pair of Z85 keys or a NAME.key_secret file")

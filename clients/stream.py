@@ -35,7 +35,15 @@ from zdepth.camera import camera_info_field
 from zdepth.compact import to_metres
 from zdepth.protocol import ZDepthError
 
-from .client import ImageInput, ServerError, check_channels, compact_defaults, encode_array, image_message, intrinsics_dict
+from .client import (
+    ImageInput,
+    ServerError,
+    check_channels,
+    compact_defaults,
+    encode_array,
+    image_message,
+    intrinsics_dict,
+)
 from .security import ClientKeysInput, KeyInput, curve_keys
 
 DEFAULT_INGRESS = f"tcp://127.0.0.1:{P.port_layout().stream}"
@@ -130,9 +138,18 @@ class CameraPublisher:
             "dataset": dataset,
             "input_size": input_size,
             **compact_defaults(method),
-            **{k: v for k, v in (("output_dtype", output_dtype), ("depth_scale", depth_scale), ("compression", compression)) if v is not None},
+            **{
+                k: v
+                for k, v in (("output_dtype", output_dtype), ("depth_scale", depth_scale), ("compression", compression))
+                if v is not None
+            },
         }
-        self._header = {"v": P.VERSION, "stream": stream, "method": method, **{k: v for k, v in options.items() if v is not None}}
+        self._header = {
+            "v": P.VERSION,
+            "stream": stream,
+            "method": method,
+            **{k: v for k, v in options.items() if v is not None},
+        }
         self._seqs = itertools.count()
         self.sent = 0
         self.dropped_local = 0  # frames dropped here because the pipe to the broker was full
@@ -168,7 +185,12 @@ class CameraPublisher:
         if "image" not in fields:
             raise ValueError("a stream frame must be the image itself, not a URL")
         seq = next(self._seqs)
-        header = {**self._header, **fields, "seq": seq, "t_capture": time.time() if t_capture is None else float(t_capture)}
+        header = {
+            **self._header,
+            **fields,
+            "seq": seq,
+            "t_capture": time.time() if t_capture is None else float(t_capture),
+        }
         try:
             self._socket.send_multipart([P.packb(header), *frames], flags=zmq.NOBLOCK, copy=is_array)
             self.sent += 1
@@ -177,7 +199,12 @@ class CameraPublisher:
         return seq
 
     def run(
-        self, source: Source, fps: Optional[float] = None, max_frames: Optional[int] = None, *, stop: Optional[threading.Event] = None
+        self,
+        source: Source,
+        fps: Optional[float] = None,
+        max_frames: Optional[int] = None,
+        *,
+        stop: Optional[threading.Event] = None,
     ) -> int:
         """Send frames from `source` until it ends, `max_frames` were offered or `stop` is set;
         returns the number offered.
@@ -373,7 +400,9 @@ class DepthSubscriber:
             if len(frames) < 2:
                 raise P.bad_request("no header frame after the topic")
             header, arrays = P.unpack(frames[1:])
-            depth, points = (to_metres(arrays[n], header["arrays"][n]) if n in arrays else None for n in ("depth", "points"))
+            depth, points = (
+                to_metres(arrays[n], header["arrays"][n]) if n in arrays else None for n in ("depth", "points")
+            )
         except ZDepthError:
             self.malformed += 1
             return None

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 
 from clients import CameraPublisher
-from zdepth import protocol as P
 from tests.servers import TEST_INPUT_SIZE
+from zdepth import protocol as P
 
 HEIGHT, WIDTH = 48, 64
 
@@ -32,7 +32,9 @@ class Camera:
         self._stop = threading.Event()
         frames = frame_stream()
         self._publisher = CameraPublisher(endpoint, stream=stream, method=method, input_size=TEST_INPUT_SIZE, **fields)
-        self._thread = threading.Thread(target=self._publisher.run, args=(frames,), kwargs={"fps": fps, "stop": self._stop}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._publisher.run, args=(frames,), kwargs={"fps": fps, "stop": self._stop}, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

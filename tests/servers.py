@@ -54,7 +54,13 @@ class Process:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "zdepth", *args], stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zdepth", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -76,8 +82,16 @@ class Process:
 class Server:
     """`zdepth serve` on free ports; `endpoint`, `ipc`, `stream`, `pub` are ready to connect to."""
 
-    def __init__(self, tmp: Path, checkpoint_dir: Path, workers: int = 1, extra: list = (), env: Optional[dict] = None, wait_workers: Optional[int] = None,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        tmp: Path,
+        checkpoint_dir: Path,
+        workers: int = 1,
+        extra: list = (),
+        env: Optional[dict] = None,
+        wait_workers: Optional[int] = None,
+        host: str = "127.0.0.1",
+    ):
         self.port = free_port_block(5)
         self.endpoint = P.tcp_endpoint(host, self.port)
         self.ipc = f"ipc://{tmp}/zdepth-{self.port}.ipc"
@@ -85,8 +99,26 @@ class Server:
         self.stream = P.tcp_endpoint(host, ports.stream)
         self.pub = P.tcp_endpoint(host, ports.pub)
         self.backend = f"tcp://127.0.0.1:{ports.backend}"
-        args = ["serve", "--host", host, "--port", str(self.port), "--ipc", f"{tmp}/zdepth-{self.port}.ipc", "--device", "cpu",
-                "--workers", str(workers), "--checkpoint-dir", str(checkpoint_dir), "--threads", "1", "--log-level", "WARNING", *extra]
+        args = [
+            "serve",
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            "--ipc",
+            f"{tmp}/zdepth-{self.port}.ipc",
+            "--device",
+            "cpu",
+            "--workers",
+            str(workers),
+            "--checkpoint-dir",
+            str(checkpoint_dir),
+            "--threads",
+            "1",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
         self.process = Process(args, tmp / f"serve-{self.port}.log", env)
         try:
             self.wait_ready(workers if wait_workers is None else wait_workers)

@@ -25,9 +25,16 @@ HAVE_HTTP = all(importlib.util.find_spec(name) is not None for name in ("fastapi
 
 
 def run_bench(name: str, out_dir: Path, *extra: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--out-dir", str(out_dir), *extra],
-                            cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, f"python -m bench {name} --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", name, "--quick", "--out-dir", str(out_dir), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, (
+        f"python -m bench {name} --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     if f"{name} bench skipped:" in result.stdout:  # e.g. root without the right to create network namespaces
         pytest.skip(result.stdout.strip().splitlines()[-1])
     assert "|---" in result.stdout, "no table printed"
@@ -103,10 +110,17 @@ def test_served_vs_bare_on_cpu(monkeypatch):
 
 def test_broker_capacity(tmp_path):
     document = run_bench("broker", tmp_path, "--sizes", "100,200000")
-    assert [(r["reply_bytes"], r["workers"]) for r in document["rows"]] == [(100, 1), (100, 4), (200000, 1), (200000, 4)]
+    assert [(r["reply_bytes"], r["workers"]) for r in document["rows"]] == [
+        (100, 1),
+        (100, 4),
+        (200000, 1),
+        (200000, 4),
+    ]
     for row in document["rows"]:
         assert row["requests"] > 0 and not row["errors"], row
-    assert sum(row["cpu_percent"]["broker"] for row in document["rows"]) > 0  # clock ticks: one short window may see none
+    assert (
+        sum(row["cpu_percent"]["broker"] for row in document["rows"]) > 0
+    )  # clock ticks: one short window may see none
     big = next(r for r in document["rows"] if r["reply_bytes"] == 200000)
     assert big["mb_per_s"] >= big["rps"] * 0.2  # each counted reply carried its 0.2 MB
 
@@ -125,11 +139,18 @@ def test_network(tmp_path):
     document = run_bench("network", tmp_path)
     assert set(namespaces()) <= before, "the bench left its network namespaces behind"
     rows = {(r["link"], r["key"]) for r in document["rows"]}
-    keys = {"cloud_f32", "depth_f32", "depth_f16", "depth_u16", "depth_u16_zstd", "cloud_default"} | ({"http_binary", "http_json"} if HAVE_HTTP else set())
+    keys = {"cloud_f32", "depth_f32", "depth_f16", "depth_u16", "depth_u16_zstd", "cloud_default"} | (
+        {"http_binary", "http_json"} if HAVE_HTTP else set()
+    )
     assert rows == {(link, key) for link in ("1gbit", "100mbit") for key in keys}
     by_key = {r["key"]: r for r in document["rows"] if r["link"] == "100mbit"}
     # bytes counted on the link: the compact forms are smaller than float32, the cloud largest
-    assert by_key["depth_u16_zstd"]["reply_bytes"] < by_key["depth_u16"]["reply_bytes"] < by_key["depth_f32"]["reply_bytes"] < by_key["cloud_f32"]["reply_bytes"]
+    assert (
+        by_key["depth_u16_zstd"]["reply_bytes"]
+        < by_key["depth_u16"]["reply_bytes"]
+        < by_key["depth_f32"]["reply_bytes"]
+        < by_key["cloud_f32"]["reply_bytes"]
+    )
     assert by_key["cloud_default"]["reply_bytes"] == pytest.approx(by_key["depth_u16_zstd"]["reply_bytes"], rel=0.2)
     for row in document["rows"]:
         assert row["rt_n"] >= 1 and row["floor_ms"] > 0 and row["overhead_vs_floor"] > 0
@@ -162,9 +183,13 @@ def test_network_cleans_up_when_interrupted(tmp_path, sig, monkeypatch):
 
     started = {SERVER_ADDRESS.encode(), b"--client-mode"}  # in the command lines of its servers and of its client loop
     before = set(namespaces())
-    bench = subprocess.Popen([sys.executable, "-m", "bench", "network", "--quick", "--out-dir", str(tmp_path)], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, even under nohup
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "network", "--quick", "--out-dir", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # not ignored, even under nohup
     try:
         deadline = time.monotonic() + 60
         while not pids_running(b"--client-mode"):
@@ -180,9 +205,16 @@ def test_network_cleans_up_when_interrupted(tmp_path, sig, monkeypatch):
 
 
 def test_compile(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "compile", "--quick", "--no-batching", "--out-dir", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"python -m bench compile --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "compile", "--quick", "--no-batching", "--out-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        f"python -m bench compile --quick failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     assert "|---" in result.stdout, "no table printed"
     document = json.loads((tmp_path / "compile-fp32.json").read_text())
     single = document["single"]

@@ -13,9 +13,9 @@ import pytest
 import zmq
 
 from broker.broker import Broker, BrokerConfig
+from tests.servers import free_port_block
 from zdepth import protocol as P
 from zdepth.auth import KeyStore
-from tests.servers import free_port_block
 
 KEY = "zd-backend-secret"
 
@@ -23,8 +23,12 @@ KEY = "zd-backend-secret"
 @pytest.fixture
 def broker():
     port = free_port_block(4)
-    config = BrokerConfig(frontends=[f"tcp://127.0.0.1:{port}"], backend=f"tcp://127.0.0.1:{port + 3}",
-                          keys=KeyStore([KEY], use_env=False), require_auth=True)
+    config = BrokerConfig(
+        frontends=[f"tcp://127.0.0.1:{port}"],
+        backend=f"tcp://127.0.0.1:{port + 3}",
+        keys=KeyStore([KEY], use_env=False),
+        require_auth=True,
+    )
     instance = Broker(config, zmq.Context())
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -39,7 +43,9 @@ def test_a_key_never_reaches_a_worker_and_replies_pass_through(broker):
     worker = ctx.socket(zmq.DEALER)
     worker.setsockopt(zmq.LINGER, 0)
     worker.connect(f"tcp://127.0.0.1:{port + 3}")
-    worker.send_multipart([P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": "hand-written", "device": "cpu", "capacity": 1})])
+    worker.send_multipart(
+        [P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": "hand-written", "device": "cpu", "capacity": 1})]
+    )
     deadline = time.monotonic() + 5
     while not instance.workers and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -47,7 +53,9 @@ def test_a_key_never_reaches_a_worker_and_replies_pass_through(broker):
     client.setsockopt(zmq.LINGER, 0)
     client.connect(f"tcp://127.0.0.1:{port}")
     image = np.zeros((4, 4, 3), np.uint8)
-    header = P.request_header(P.METRIC_DEPTH, id="r1", key=KEY, input_size=56, image={"frame": 1, "format": "raw", "shape": [4, 4, 3]})
+    header = P.request_header(
+        P.METRIC_DEPTH, id="r1", key=KEY, input_size=56, image={"frame": 1, "format": "raw", "shape": [4, 4, 3]}
+    )
     client.send_multipart([b"", P.packb(header), image.tobytes()])
 
     while True:  # heartbeats may come first
@@ -63,7 +71,9 @@ def test_a_key_never_reaches_a_worker_and_replies_pass_through(broker):
     assert 0 < meta["budget_ms"] <= 30_000
 
     depth = np.full((4, 4), 2.5, np.float32)
-    reply = P.pack(P.ok_header("r1", min=2.5, max=2.5, model="vits_hypersim", worker="hand-written", timing={}), {"depth": depth})
+    reply = P.pack(
+        P.ok_header("r1", min=2.5, max=2.5, model="vits_hypersim", worker="hand-written", timing={}), {"depth": depth}
+    )
     worker.send_multipart([P.WORKER_PROTOCOL, P.W_REPLY, P.packb({"t": meta["t"]}), *reply])
     assert client.poll(5000)
     head, arrays = P.unpack(client.recv_multipart()[1:])
@@ -81,11 +91,15 @@ def test_a_warming_worker_gets_no_request_until_it_says_it_is_warm(broker):
     worker = ctx.socket(zmq.DEALER)
     worker.setsockopt(zmq.LINGER, 0)
     worker.connect(f"tcp://127.0.0.1:{port + 3}")
-    worker.send_multipart([P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": "warming", "device": "cpu", "capacity": 1, "warming": True})])
+    worker.send_multipart(
+        [P.WORKER_PROTOCOL, P.W_READY, P.packb({"name": "warming", "device": "cpu", "capacity": 1, "warming": True})]
+    )
     client = ctx.socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
     client.connect(f"tcp://127.0.0.1:{port}")
-    header = P.request_header(P.METRIC_DEPTH, id="r1", key=KEY, input_size=56, image={"frame": 1, "format": "raw", "shape": [4, 4, 3]})
+    header = P.request_header(
+        P.METRIC_DEPTH, id="r1", key=KEY, input_size=56, image={"frame": 1, "format": "raw", "shape": [4, 4, 3]}
+    )
     client.send_multipart([b"", P.packb(header), np.zeros((4, 4, 3), np.uint8).tobytes()])
 
     def next_command(timeout_s: float):

@@ -22,7 +22,9 @@ CAMERA_INFO = {
 }
 
 
-def sampled_source_positions(width: int, height: int, new_width: int, new_height: int, interpolation: int) -> tuple[np.ndarray, np.ndarray]:
+def sampled_source_positions(
+    width: int, height: int, new_width: int, new_height: int, interpolation: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Where in the source image each destination pixel of cv2.resize samples: resize images
     whose values are their own column / row index (a linear ramp is reproduced exactly by
     linear interpolation away from the borders)."""
@@ -69,7 +71,9 @@ def test_half_size_values_computed_by_hand():
     scale = np.diag([0.5, 0.5, 1.0])
     shift = np.array([[1, 0, 0.5 * 0.5 - 0.5], [0, 1, 0.5 * 0.5 - 0.5], [0, 0, 1]])
     expected = shift @ scale @ k
-    assert (got.fx, got.fy, got.cx, got.cy) == pytest.approx((expected[0, 0], expected[1, 1], expected[0, 2], expected[1, 2]))
+    assert (got.fx, got.fy, got.cx, got.cy) == pytest.approx(
+        (expected[0, 0], expected[1, 1], expected[0, 2], expected[1, 2])
+    )
     assert (got.cx, got.cy) == pytest.approx((159.35, 120.6))  # (319.2 + 0.5) / 2 - 0.5
 
 
@@ -132,8 +136,12 @@ def test_distortion_is_refused_even_when_small():
 
 
 def test_resolve_needs_exactly_one():
-    assert resolve_intrinsics({"fx": 1.0, "fy": 2.0, "cx": 3.0, "cy": 4.0}, None, 10, 10) == Intrinsics(1.0, 2.0, 3.0, 4.0)
-    assert resolve_intrinsics(None, CAMERA_INFO, 240, 320) == scaled_intrinsics(check_camera_info(CAMERA_INFO), 240, 320)
+    assert resolve_intrinsics({"fx": 1.0, "fy": 2.0, "cx": 3.0, "cy": 4.0}, None, 10, 10) == Intrinsics(
+        1.0, 2.0, 3.0, 4.0
+    )
+    assert resolve_intrinsics(None, CAMERA_INFO, 240, 320) == scaled_intrinsics(
+        check_camera_info(CAMERA_INFO), 240, 320
+    )
     for both in ((None, None), ({"fx": 1.0, "fy": 2.0, "cx": 3.0, "cy": 4.0}, CAMERA_INFO)):
         with pytest.raises(ZDepthError, match="exactly one"):
             resolve_intrinsics(*both, 240, 320)
@@ -161,7 +169,12 @@ def raw_frames(height: int, width: int) -> list:
 
 
 def header(height: int, width: int, **fields) -> dict:
-    return {"v": 1, "method": P.POINTCLOUD, "image": {"frame": 1, "format": "raw", "shape": [height, width, 3]}, **fields}
+    return {
+        "v": 1,
+        "method": P.POINTCLOUD,
+        "image": {"frame": 1, "format": "raw", "shape": [height, width, 3]},
+        **fields,
+    }
 
 
 def test_parse_predict_takes_camera_info_instead_of_intrinsics():
@@ -172,7 +185,10 @@ def test_parse_predict_takes_camera_info_instead_of_intrinsics():
 
 def test_parse_predict_refusals():
     with pytest.raises(ZDepthError, match="not both"):
-        parse_predict(header(240, 320, camera_info=CAMERA_INFO, intrinsics={"fx": 1, "fy": 1, "cx": 0, "cy": 0}), raw_frames(240, 320))
+        parse_predict(
+            header(240, 320, camera_info=CAMERA_INFO, intrinsics={"fx": 1, "fy": 1, "cx": 0, "cy": 0}),
+            raw_frames(240, 320),
+        )
     with pytest.raises(ZDepthError, match="not one uniform scale"):  # a raw image's size is known before decoding
         parse_predict(header(240, 240, camera_info=CAMERA_INFO), raw_frames(240, 240))
     with pytest.raises(ZDepthError, match="or `camera_info`"):
@@ -192,4 +208,6 @@ def test_engine_pointcloud_with_camera_info_equals_scaled_intrinsics():
     with_k = engine.predict(P.POINTCLOUD, image, intrinsics=k.__dict__, input_size=56).arrays["points"]
     np.testing.assert_array_equal(with_info, with_k)
     z = with_info[:, 2].reshape(60, 80)
-    assert with_info.reshape(60, 80, 3)[7, 11, 0] == pytest.approx((11 - (79.0 + 0.5) / 2 + 0.5) / 50.0 * z[7, 11], rel=1e-5)
+    assert with_info.reshape(60, 80, 3)[7, 11, 0] == pytest.approx(
+        (11 - (79.0 + 0.5) / 2 + 0.5) / 50.0 * z[7, 11], rel=1e-5
+    )

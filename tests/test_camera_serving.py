@@ -11,14 +11,20 @@ import pytest
 
 from clients import CameraPublisher, DepthClient, DepthSubscriber
 from clients.client import ServerError
+from tests.servers import TEST_INPUT_SIZE, Server
 from zdepth import protocol as P
 from zdepth.geometry import unproject
 from zdepth.request import Intrinsics
-from tests.servers import TEST_INPUT_SIZE, Server
 
 HEIGHT, WIDTH = 48, 64
 # calibrated at twice the frame size
-CAMERA_INFO = {"k": [110.0, 0.0, 63.0, 0.0, 112.0, 47.6, 0.0, 0.0, 1.0], "width": 128, "height": 96, "d": [0.0] * 5, "distortion_model": "plumb_bob"}
+CAMERA_INFO = {
+    "k": [110.0, 0.0, 63.0, 0.0, 112.0, 47.6, 0.0, 0.0, 1.0],
+    "width": 128,
+    "height": 96,
+    "d": [0.0] * 5,
+    "distortion_model": "plumb_bob",
+}
 # the same camera for the (48, 64) frames, computed here: fx * 1/2, (c + 0.5) * 1/2 - 0.5
 HALF = Intrinsics(fx=55.0, fy=56.0, cx=31.25, cy=23.55)
 
@@ -57,7 +63,9 @@ def test_a_jpeg_that_does_not_fit_is_refused_and_the_server_keeps_serving(server
 def test_pointcloud_stream_with_camera_info(server):
     with DepthSubscriber(server.pub, ["caminfo"]) as subscriber:
         time.sleep(0.3)
-        with CameraPublisher(server.stream, stream="caminfo", method=P.POINTCLOUD, camera_info=CAMERA_INFO, input_size=TEST_INPUT_SIZE) as camera:
+        with CameraPublisher(
+            server.stream, stream="caminfo", method=P.POINTCLOUD, camera_info=CAMERA_INFO, input_size=TEST_INPUT_SIZE
+        ) as camera:
             result = None
             deadline = time.monotonic() + 30
             while result is None and time.monotonic() < deadline:
@@ -79,7 +87,13 @@ def test_a_camera_info_that_does_not_fit_fails_alone_in_its_batch(tmp_path, chec
     sock.connect(srv.endpoint)
     try:
         for i, data in enumerate((jpeg(), jpeg(HEIGHT, HEIGHT), jpeg())):  # the middle one is square: no uniform scale
-            header = P.request_header(P.POINTCLOUD, id=i, camera_info=CAMERA_INFO, input_size=TEST_INPUT_SIZE, image={"frame": 1, "format": "jpeg"})
+            header = P.request_header(
+                P.POINTCLOUD,
+                id=i,
+                camera_info=CAMERA_INFO,
+                input_size=TEST_INPUT_SIZE,
+                image={"frame": 1, "format": "jpeg"},
+            )
             sock.send_multipart([b"", P.packb(header), data])
         replies = {}
         for _ in range(3):

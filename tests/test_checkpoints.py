@@ -170,8 +170,10 @@ def test_official_round_trip_metric_and_dtype(tmp_path):
 
 def test_training_wrapper_is_unwrapped(tmp_path, vits_relative):
     state = {"module." + k: v for k, v in vits_relative.state_dict().items()}
-    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "previous_best": {"d1": 0.5}},
-               tmp_path / official_filename("vits", "relative"))
+    torch.save(
+        {"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "previous_best": {"d1": 0.5}},
+        tmp_path / official_filename("vits", "relative"),
+    )
     model = load_model(tmp_path, "vits", "relative")
     torch.testing.assert_close(model.state_dict(), vits_relative.state_dict())
 

@@ -31,11 +31,29 @@ def images(tmp_path_factory):
 
 def test_predict_with_random_weights_writes_depth_png_and_ply(images, tmp_path):
     out = tmp_path / "out"
-    run = zdepth("predict", images / "scene.jpg", images / "tall.png", "--random-weights", "--input-size", 56,
-                 "--fx", 50, "--cx", 30.5, "--with-color", "--out", out)
+    run = zdepth(
+        "predict",
+        images / "scene.jpg",
+        images / "tall.png",
+        "--random-weights",
+        "--input-size",
+        56,
+        "--fx",
+        50,
+        "--cx",
+        30.5,
+        "--with-color",
+        "--out",
+        out,
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert len(lines) == 2 and "scene.jpg: 64x48 depth" in lines[0] and " m, ms: pre" in lines[0] and "tall.png: 40x48" in lines[1]
+    assert (
+        len(lines) == 2
+        and "scene.jpg: 64x48 depth" in lines[0]
+        and " m, ms: pre" in lines[0]
+        and "tall.png: 40x48" in lines[1]
+    )
     for stem, shape in (("scene", (48, 64)), ("tall", (48, 40))):
         depth = np.load(out / f"{stem}_depth.npy")
         assert depth.shape == shape and depth.dtype == np.float32 and 0 < depth.min() < depth.max() < 20
@@ -51,7 +69,17 @@ def test_predict_with_random_weights_writes_depth_png_and_ply(images, tmp_path):
 
 
 def test_predict_relative_without_intrinsics_writes_no_ply(images, tmp_path):
-    run = zdepth("predict", images / "scene.jpg", "--random-weights", "--dataset", "relative", "--input-size", 56, "--out", tmp_path)
+    run = zdepth(
+        "predict",
+        images / "scene.jpg",
+        "--random-weights",
+        "--dataset",
+        "relative",
+        "--input-size",
+        56,
+        "--out",
+        tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert "(disparity)" in run.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_depth.npy", "scene_depth.png"]
@@ -61,17 +89,43 @@ def test_a_checkpoint_saved_in_the_official_format_is_used(images, tmp_path, che
     from zdepth.engine import Engine
     from zdepth.images import read_image
 
-    run = zdepth("predict", images / "scene.jpg", "--checkpoint-dir", checkpoint_dir, "--max-depth", 10, "--input-size", 56, "--out", tmp_path)
+    run = zdepth(
+        "predict",
+        images / "scene.jpg",
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--max-depth",
+        10,
+        "--input-size",
+        56,
+        "--out",
+        tmp_path,
+    )
     assert run.returncode == 0, run.stderr
-    expected = Engine(checkpoint_dir, device="cpu").metric_depth(read_image(images / "scene.jpg"), max_depth=10.0, input_size=56)
+    expected = Engine(checkpoint_dir, device="cpu").metric_depth(
+        read_image(images / "scene.jpg"), max_depth=10.0, input_size=56
+    )
     np.testing.assert_allclose(np.load(tmp_path / "scene_depth.npy"), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_missing_checkpoint_exits_2_naming_the_file_to_download(images, tmp_path):
     command = [str(SCRIPT)] if SCRIPT.exists() else ZDEPTH
-    run = zdepth("predict", images / "scene.jpg", "--checkpoint-dir", tmp_path, "--dataset", "vkitti", "--input-size", 56, command=command)
+    run = zdepth(
+        "predict",
+        images / "scene.jpg",
+        "--checkpoint-dir",
+        tmp_path,
+        "--dataset",
+        "vkitti",
+        "--input-size",
+        56,
+        command=command,
+    )
     assert run.returncode == 2
-    assert "depth_anything_v2_metric_vkitti_vits.pth" in run.stderr and "zdepth weights get vits --dataset vkitti" in run.stderr
+    assert (
+        "depth_anything_v2_metric_vkitti_vits.pth" in run.stderr
+        and "zdepth weights get vits --dataset vkitti" in run.stderr
+    )
     assert "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -115,7 +169,9 @@ def test_weights_list_and_get_errors(tmp_path):
 
 def test_importing_the_cli_stays_light():
     code = "import sys, zdepth.cli; print(sorted(m for m in ('torch', 'cv2', 'zdepth.engine') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
     assert "predict" in zdepth("--help").stdout
 
 
@@ -123,7 +179,18 @@ def test_predict_goes_on_past_bad_files_and_names_them(images, tmp_path):
     """Before: `predict a.jpg notes.txt b.jpg` stopped at notes.txt without naming it, and b.jpg was skipped silently."""
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
-    run = zdepth("predict", images / "scene.jpg", notes, tmp_path / "missing.jpg", images / "tall.png", "--random-weights", "--input-size", 56, "--out", tmp_path / "out")
+    run = zdepth(
+        "predict",
+        images / "scene.jpg",
+        notes,
+        tmp_path / "missing.jpg",
+        images / "tall.png",
+        "--random-weights",
+        "--input-size",
+        56,
+        "--out",
+        tmp_path / "out",
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert (tmp_path / "out" / "scene_depth.npy").exists() and (tmp_path / "out" / "tall_depth.npy").exists()
     assert f"2 of 4 images failed: {notes}, {tmp_path / 'missing.jpg'}" in run.stderr
@@ -146,7 +213,17 @@ def test_keys_list_defaults_its_file_as_the_readme_shows(tmp_path):
 
 def test_weights_offline_error_says_what_to_do_and_list_shows_every_size(tmp_path):
     """Before: offline, `weights get` printed a bare network error; `weights list` showed `?` for sizes the README knows."""
-    run = zdepth("weights", "get", "vits", "--dataset", "hypersim", "--checkpoint-dir", tmp_path, "--url", "http://127.0.0.1:9/x.pth")
+    run = zdepth(
+        "weights",
+        "get",
+        "vits",
+        "--dataset",
+        "hypersim",
+        "--checkpoint-dir",
+        tmp_path,
+        "--url",
+        "http://127.0.0.1:9/x.pth",
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "copy it into the checkpoint folder" in run.stderr and "--url" in run.stderr
     listing = zdepth("weights", "list", "--checkpoint-dir", tmp_path)

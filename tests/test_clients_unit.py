@@ -80,7 +80,9 @@ def broker_factory():
 
 
 def depth_reply(header, depth, **fields):
-    return P.ok_header(header["id"], min=float(depth.min()), max=float(depth.max()), model="vits_hypersim", worker="w0", **fields), {"depth": depth}
+    return P.ok_header(
+        header["id"], min=float(depth.min()), max=float(depth.max()), model="vits_hypersim", worker="w0", **fields
+    ), {"depth": depth}
 
 
 # --- arguments ------------------------------------------------------------------------------
@@ -167,7 +169,13 @@ def test_profiles_key_from_environment(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ZD_TEST_KEY"):
         profiles["lab"].key()
     monkeypatch.setenv("ZD_TEST_KEY", "sk-env")
-    assert get_profile("lab", path).client_options() == {"endpoint": "tcp://lab:5555", "key": "sk-env", "encoder": "vitl", "input_size": 266, "timeout": 5.0}
+    assert get_profile("lab", path).client_options() == {
+        "endpoint": "tcp://lab:5555",
+        "key": "sk-env",
+        "encoder": "vitl",
+        "input_size": 266,
+        "timeout": 5.0,
+    }
     with client_from_profile("lab", path, timeout=1) as client:
         assert (client.key, client.timeout, client.defaults) == ("sk-env", 1.0, {"encoder": "vitl", "input_size": 266})
     with pytest.raises(KeyError, match="profiles: \\['lab', 'open'\\]"):
@@ -239,13 +247,16 @@ def test_lazy_pirate_gives_up_within_the_timeout(broker_factory):
             client.health(timeout=0.3)
     time.sleep(0.05)
     identities = [identity for identity, _, _ in broker.requests]
-    assert len(identities) == 2 and len(set(identities)) == 2  # one try per call (it had the whole budget); a fresh socket after silence
+    assert (
+        len(identities) == 2 and len(set(identities)) == 2
+    )  # one try per call (it had the whole budget); a fresh socket after silence
     assert 400 <= broker.requests[0][1]["timeout_ms"] <= 600  # the server is told the whole budget, less a margin
 
 
 def test_timeout_is_a_total_budget_not_split_across_tries(broker_factory):
     """Before: timeout=4 with retries=2 gave each try 1.33 s, so a 3 s job failed 3 of 3 times
     (and was recomputed each time). Now the one try may wait for all of it."""
+
     def slow(header, frames):
         time.sleep(1.2)
         return [(P.ok_header(header["id"], status="healthy"), None)]
@@ -269,14 +280,23 @@ def test_stale_reply_is_dropped_and_arrays_are_views(broker_factory):
     stale = P.ok_header("earlier", arrays={})
 
     def handler(header, frames):
-        return [(stale, {"depth": np.zeros((5, 5), np.float32)}), depth_reply(header, depth, timing={"inference_ms": 1.0})]
+        return [
+            (stale, {"depth": np.zeros((5, 5), np.float32)}),
+            depth_reply(header, depth, timing={"inference_ms": 1.0}),
+        ]
 
     broker = broker_factory(handler)
     with DepthClient(broker.endpoint, key="sk-1", timeout=5, encoder="vits") as client:
         result = client.metric_depth(PNG, max_depth=10.0, input_size=266)
     assert np.array_equal(result.depth, depth) and result.shape == (2, 3)
     assert not result.depth.flags.owndata  # a view on the received frame, not a copy
-    assert (result.min, result.max, result.model, result.worker, result.timing) == (0.0, 5.0, "vits_hypersim", "w0", {"inference_ms": 1.0})
+    assert (result.min, result.max, result.model, result.worker, result.timing) == (
+        0.0,
+        5.0,
+        "vits_hypersim",
+        "w0",
+        {"inference_ms": 1.0},
+    )
     _, header, frames = broker.requests[0]
     assert header["method"] == "metric_depth" and header["key"] == "sk-1"
     assert (header["encoder"], header["max_depth"], header["input_size"]) == ("vits", 10.0, 266)
@@ -340,7 +360,14 @@ def test_api_functions_use_profiles_and_cache_clients(broker_factory, tmp_path, 
 
     def handler(header, frames):
         if header["method"] == "health":
-            return [(P.ok_header(header["id"], status="healthy", workers=[{"device": "cuda:0", "models": ["vits_hypersim"]}]), None)]
+            return [
+                (
+                    P.ok_header(
+                        header["id"], status="healthy", workers=[{"device": "cuda:0", "models": ["vits_hypersim"]}]
+                    ),
+                    None,
+                )
+            ]
         return [depth_reply(header, depth)]
 
     broker = broker_factory(handler)
@@ -349,7 +376,9 @@ def test_api_functions_use_profiles_and_cache_clients(broker_factory, tmp_path, 
     monkeypatch.setenv("ZDEPTH_SERVERS", str(path))
     monkeypatch.setenv("ZD_TEST_KEY", "sk-profile")
     result = api.predict_metric_depth(JPEG, K, server="fake", max_depth=5.0)
-    assert result["shape"] == [2, 2] and np.array_equal(result["depth_map"], depth) and result["model"] == "vits_hypersim"
+    assert (
+        result["shape"] == [2, 2] and np.array_equal(result["depth_map"], depth) and result["model"] == "vits_hypersim"
+    )
     api.predict_relative_depth(JPEG, server="fake", encoder="vits", timeout=5)
     health = api.get_health("fake")
     assert (health["device"], health["models_loaded"]) == ("cuda:0", ["vits_hypersim"])
@@ -387,16 +416,27 @@ def test_publisher_sends_frames(tmp_path):
     endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
     frame = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
     try:
-        with CameraPublisher(endpoint, stream="cam1", key="sk", method="pointcloud", intrinsics=K, max_depth=8.0) as pub:
+        with CameraPublisher(
+            endpoint, stream="cam1", key="sk", method="pointcloud", intrinsics=K, max_depth=8.0
+        ) as pub:
             deadline = time.monotonic() + 5
             while not pull.poll(20) and time.monotonic() < deadline:  # wait out the TCP connect
                 pub.send(frame, t_capture=123.0)
             header_frame, image = pull.recv_multipart()
             header = P.unpackb(header_frame)
             assert {k: header[k] for k in ("v", "stream", "key", "method", "intrinsics", "max_depth", "t_capture")} == {
-                "v": P.VERSION, "stream": "cam1", "key": "sk", "method": "pointcloud", "intrinsics": K, "max_depth": 8.0, "t_capture": 123.0
+                "v": P.VERSION,
+                "stream": "cam1",
+                "key": "sk",
+                "method": "pointcloud",
+                "intrinsics": K,
+                "max_depth": 8.0,
+                "t_capture": 123.0,
             }
-            assert header["image"] == {"frame": 1, "format": "raw", "shape": [2, 2, 3], "channels": "bgr"} and image == frame.tobytes()
+            assert (
+                header["image"] == {"frame": 1, "format": "raw", "shape": [2, 2, 3], "channels": "bgr"}
+                and image == frame.tobytes()
+            )
             while pull.poll(100):
                 pull.recv_multipart()
             folder = tmp_path / "frames"
@@ -418,7 +458,15 @@ def test_subscriber_filters_exact_topic_and_keeps_the_newest():
     depth = np.zeros((2, 2), np.float32)
 
     def publish(stream, seq, ok=True):
-        header = {"v": P.VERSION, "stream": stream, "seq": seq, "t_capture": time.time(), "latency_ms": 5.0, "dropped": seq, "ok": ok}
+        header = {
+            "v": P.VERSION,
+            "stream": stream,
+            "seq": seq,
+            "t_capture": time.time(),
+            "latency_ms": 5.0,
+            "dropped": seq,
+            "ok": ok,
+        }
         if not ok:
             header["error"] = {"code": P.TIMEOUT, "message": "late"}
         pub.send_multipart([stream.encode(), *P.pack(header, {"depth": depth} if ok else None)])
@@ -454,7 +502,15 @@ def test_latest_is_the_newest_that_arrived_even_after_a_backlog():
     depth = np.zeros((512, 512), np.float32)  # 1 MB per result: a backlog fills the socket buffers
 
     def publish(seq):
-        header = {"v": P.VERSION, "stream": "cam", "seq": seq, "t_capture": time.time(), "latency_ms": 5.0, "dropped": 0, "ok": True}
+        header = {
+            "v": P.VERSION,
+            "stream": "cam",
+            "seq": seq,
+            "t_capture": time.time(),
+            "latency_ms": 5.0,
+            "dropped": 0,
+            "ok": True,
+        }
         pub.send_multipart([b"cam", *P.pack(header, {"depth": depth})])
 
     try:

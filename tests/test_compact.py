@@ -18,11 +18,11 @@ import zmq
 import zstandard
 
 from clients import CameraPublisher, DepthClient, DepthSubscriber, ServerError
-from clients.client import rgb_pixels, image_message
+from clients.client import image_message, rgb_pixels
+from tests.servers import TEST_INPUT_SIZE, Server
 from zdepth import protocol as P
 from zdepth.compact import quantise_depth, to_metres, wire_arrays
 from zdepth.request import default_depth_scale, parse_predict
-from tests.servers import TEST_INPUT_SIZE, Server
 
 K = {"fx": 50.0, "fy": 60.0, "cx": 31.5, "cy": 23.5}
 
@@ -74,7 +74,9 @@ def test_default_depth_scale_is_the_smallest_millimetre_multiple_that_fits():
 def decode_without_zdepth(desc: dict, frame: bytes) -> np.ndarray:
     """What a client in any language does, from docs/protocol.md alone: libzstd, then the filter."""
     size = math.prod(desc["shape"]) * np.dtype(desc["dtype"]).itemsize
-    data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size) if desc["compression"] == "zstd" else frame
+    data = (
+        zstandard.ZstdDecompressor().decompress(frame, max_output_size=size) if desc["compression"] == "zstd" else frame
+    )
     assert len(data) == size
     array = np.frombuffer(data, dtype=np.dtype(desc["dtype"]).newbyteorder("<")).reshape(desc["shape"])
     if desc["filter"] == "delta_row":
@@ -93,9 +95,20 @@ def test_zstd_frames_decode_with_plain_zstandard_and_the_documented_filter():
     counts = (1000 + np.cumsum(rng.integers(-3, 4, (7, 9)), axis=1) * 100).astype(np.uint16)
     counts[3, 4] = 65535
     counts[3, 5] = 0  # a wrap-around step
-    arrays = {"depth": counts, "points": rng.random((6, 3)).astype(np.float32), "colors": rng.integers(0, 255, (6, 3), dtype=np.uint8)}
+    arrays = {
+        "depth": counts,
+        "points": rng.random((6, 3)).astype(np.float32),
+        "colors": rng.integers(0, 255, (6, 3), dtype=np.uint8),
+    }
     described, frames = P.pack_arrays(arrays, compression="zstd", scales={"depth": 0.002, "points": 1.0})
-    assert described["depth"] == {"frame": 1, "dtype": "uint16", "shape": [7, 9], "compression": "zstd", "filter": "delta_row", "scale": 0.002}
+    assert described["depth"] == {
+        "frame": 1,
+        "dtype": "uint16",
+        "shape": [7, 9],
+        "compression": "zstd",
+        "filter": "delta_row",
+        "scale": 0.002,
+    }
     assert described["points"]["filter"] == "none" and "scale" not in described["colors"]
     for name, array in arrays.items():
         desc = described[name]
@@ -121,7 +134,15 @@ def test_every_dtype_round_trips(compression):
 
 
 def forged(desc_changes: dict, payload: bytes) -> list:
-    desc = {"frame": 1, "dtype": "uint16", "shape": [4, 4], "compression": "zstd", "filter": "delta_row", "scale": 0.001, **desc_changes}
+    desc = {
+        "frame": 1,
+        "dtype": "uint16",
+        "shape": [4, 4],
+        "compression": "zstd",
+        "filter": "delta_row",
+        "scale": 0.001,
+        **desc_changes,
+    }
     return [P.packb(P.ok_header(1, arrays={"depth": desc})), payload]
 
 
@@ -174,7 +195,13 @@ def test_a_forged_reply_is_a_clear_client_error():
 def test_compact_defaults_leave_zstd_out_on_this_host():
     from clients.client import compact_defaults, is_local_endpoint
 
-    for endpoint in ("ipc:///tmp/x.ipc", "inproc://a", "tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555"):
+    for endpoint in (
+        "ipc:///tmp/x.ipc",
+        "inproc://a",
+        "tcp://127.0.0.1:5555",
+        "tcp://localhost:5555",
+        "tcp://[::1]:5555",
+    ):
         assert is_local_endpoint(endpoint), endpoint
     for endpoint in ("tcp://10.0.0.5:5555", "tcp://gpu-server:5555", "tcp://[fe80::1]:5555", "tcp://1270.0.0.1:1"):
         assert not is_local_endpoint(endpoint), endpoint
@@ -200,7 +227,8 @@ def test_to_metres_handles_every_form_and_refuses_bad_scales():
 
 def test_float16_overflow_is_refused_not_sent_as_infinity():
     request = parse_predict(
-        P.request_header(P.METRIC_DEPTH, image={"frame": 1, "format": "jpeg"}, max_depth=1e5, output_dtype="float16"), [b"", b"x"]
+        P.request_header(P.METRIC_DEPTH, image={"frame": 1, "format": "jpeg"}, max_depth=1e5, output_dtype="float16"),
+        [b"", b"x"],
     )
     depth = (np.linspace(0.1, 1.0, 80).reshape(8, 10) * 1e5).astype(np.float16)  # what the engine's cast gives
     assert not np.isfinite(depth).all()
@@ -353,8 +381,15 @@ def test_a_bare_req_client_reads_uint16_zstd(server):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.endpoint)
     try:
-        header = {"v": 1, "method": "metric_depth", "id": 1, "input_size": TEST_INPUT_SIZE, "output_dtype": "uint16",
-                  "compression": "zstd", "image": {"frame": 1, "format": "raw", "shape": list(img.shape)}}
+        header = {
+            "v": 1,
+            "method": "metric_depth",
+            "id": 1,
+            "input_size": TEST_INPUT_SIZE,
+            "output_dtype": "uint16",
+            "compression": "zstd",
+            "image": {"frame": 1, "format": "raw", "shape": list(img.shape)},
+        }
         sock.send_multipart([P.packb(header), img.tobytes()])
         assert sock.poll(30_000)
         reply = sock.recv_multipart()
@@ -392,7 +427,10 @@ def png16(grey: bool) -> bytes:
     return data.tobytes()
 
 
-@pytest.mark.parametrize("name, data", [("exif-rotated jpeg", exif_rotated_jpeg()), ("16-bit grey png", png16(True)), ("16-bit rgb png", png16(False))])
+@pytest.mark.parametrize(
+    "name, data",
+    [("exif-rotated jpeg", exif_rotated_jpeg()), ("16-bit grey png", png16(True)), ("16-bit rgb png", png16(False))],
+)
 def test_local_colours_equal_the_servers(client, name, data):
     server = client.pointcloud(data, K, with_color=True, server_side=True)
     local = client.pointcloud(data, K, with_color=True)
@@ -409,7 +447,10 @@ def test_local_colours_equal_the_servers(client, name, data):
 def test_stream_results_are_compact_by_default_and_decoded(server, client):
     img = scene(seed=11)
     reference = client.metric_depth(img)  # the same compact default over request/reply
-    with DepthSubscriber(server.pub, streams=["compact"]) as sub, CameraPublisher(server.stream, stream="compact", input_size=TEST_INPUT_SIZE) as cam:
+    with (
+        DepthSubscriber(server.pub, streams=["compact"]) as sub,
+        CameraPublisher(server.stream, stream="compact", input_size=TEST_INPUT_SIZE) as cam,
+    ):
         time.sleep(0.3)  # let the subscription reach the broker
         result = None
         deadline = time.monotonic() + 30

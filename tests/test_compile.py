@@ -61,12 +61,16 @@ def test_compiled_matches_eager_in_fp32(compiled, eager, dataset, size):
         assert relative_error(result.arrays["depth"], reference.arrays["depth"]) <= PARITY_RTOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16/bf16 compiled graphs and CUDA graphs)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16/bf16 compiled graphs and CUDA graphs)"
+)
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_compiled_cuda_graphs_match_eager_in_half_precision(dtype):
     """reduce-overhead (CUDA graphs) against eager: metric at a non-square frame, relative square."""
     eager_cuda = Engine(device="cuda", dtype=dtype, random_weights=True)
-    compiled_cuda = Engine(device="cuda", dtype=dtype, random_weights=True, compile="reduce-overhead", compile_in_background=True)
+    compiled_cuda = Engine(
+        device="cuda", dtype=dtype, random_weights=True, compile="reduce-overhead", compile_in_background=True
+    )
     assert compiled_cuda.graphs.cuda_graphs and not compiled_cuda.compile_in_background  # CUDA graphs: built inline
     for dataset, (height, width) in (("hypersim", (480, 640)), ("relative", (518, 518))):
         method = P.REL_DEPTH if dataset == "relative" else P.METRIC_DEPTH
@@ -196,8 +200,21 @@ def test_warm_up_reports_warming_then_serves_the_first_request_as_fast_as_later_
     worker turns ready, and its first requests would run eagerly while the graph built."""
     # 2 threads like the parity tests' engines: the graph is then the one they built, and inductor's
     # disk cache makes the warm-up quick when they ran first.
-    server = Server(tmp_path, checkpoint_dir, extra=["--compile", "default", "--warmup-shapes", f"48x64@{TEST_INPUT_SIZE}",
-                                                      "--preload", "vits:hypersim", "--threads", "2"], wait_workers=0)
+    server = Server(
+        tmp_path,
+        checkpoint_dir,
+        extra=[
+            "--compile",
+            "default",
+            "--warmup-shapes",
+            f"48x64@{TEST_INPUT_SIZE}",
+            "--preload",
+            "vits:hypersim",
+            "--threads",
+            "2",
+        ],
+        wait_workers=0,
+    )
     try:
         seen_warming = False
         deadline = time.monotonic() + 300
@@ -216,8 +233,13 @@ def test_warm_up_reports_warming_then_serves_the_first_request_as_fast_as_later_
         built = ["vits_hypersim:56x70:b1:fp32"]  # 48x64 at input 56: the model input is 56x70
         assert worker["graphs"] == built  # built before the worker took any request
         image = photo_like(48, 64, seed=7)
-        header = P.request_header(P.METRIC_DEPTH, id=1, image={"frame": 1, "format": "raw", "shape": list(image.shape)},
-                                  input_size=TEST_INPUT_SIZE, timeout_ms=60_000)
+        header = P.request_header(
+            P.METRIC_DEPTH,
+            id=1,
+            image={"frame": 1, "format": "raw", "shape": list(image.shape)},
+            input_size=TEST_INPUT_SIZE,
+            timeout_ms=60_000,
+        )
         timings = []
         for _ in range(6):
             reply, _ = raw_request(server.endpoint, header, [image.tobytes()], timeout_s=60)

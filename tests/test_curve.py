@@ -93,8 +93,22 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_dir, keys):
-    srv = Running(tmp_path_factory.mktemp("curve-serve"), "serve", "--device", "cpu", "--workers", "1", "--threads", "1",
-                  "--checkpoint-dir", checkpoint_dir, "--curve-secret-file", keys["server_secret"], "--curve-clients", keys["clients"])
+    srv = Running(
+        tmp_path_factory.mktemp("curve-serve"),
+        "serve",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--curve-secret-file",
+        keys["server_secret"],
+        "--curve-clients",
+        keys["clients"],
+    )
     try:
         yield srv.wait(keys["server_public"], keys["robot"], workers=1)
     finally:
@@ -104,7 +118,13 @@ def server(tmp_path_factory, checkpoint_dir, keys):
 def test_allowed_client_is_served(server, keys):
     state = ask_health(server.endpoint, keys["server_public"], keys["robot"])
     assert state["ok"] and state["encrypted"] is True
-    with DepthClient(server.endpoint, timeout=30, input_size=TEST_INPUT_SIZE, server_key=keys["server_public"], client_keys=keys["robot"]) as client:
+    with DepthClient(
+        server.endpoint,
+        timeout=30,
+        input_size=TEST_INPUT_SIZE,
+        server_key=keys["server_public"],
+        client_keys=keys["robot"],
+    ) as client:
         assert client.metric_depth(IMAGE).depth.shape == IMAGE.shape[:2]
 
 
@@ -116,7 +136,9 @@ def test_others_get_no_answer(server, keys, who):
         "wrong_server_key": (keys["stranger"][0], keys["robot"]),
     }[who]
     assert ask_health(server.endpoint, *args, timeout_s=SILENCE_S) is None
-    assert ask_health(server.endpoint, keys["server_public"], keys["robot"])["ok"], "the server still serves allowed clients"
+    assert ask_health(server.endpoint, keys["server_public"], keys["robot"])["ok"], (
+        "the server still serves allowed clients"
+    )
 
 
 def test_depth_client_without_keys_times_out(server, keys):
@@ -134,8 +156,13 @@ def test_stream_and_pub_are_encrypted(server, keys):
         for s in (sub, plain_sub):
             s.setsockopt(zmq.SUBSCRIBE, b"secure-cam")
         time.sleep(0.5)
-        header = P.request_header(P.METRIC_DEPTH, stream="secure-cam", seq=1, input_size=TEST_INPUT_SIZE,
-                                  image={"frame": 1, "format": "raw", "shape": list(IMAGE.shape)})
+        header = P.request_header(
+            P.METRIC_DEPTH,
+            stream="secure-cam",
+            seq=1,
+            input_size=TEST_INPUT_SIZE,
+            image={"frame": 1, "format": "raw", "shape": list(IMAGE.shape)},
+        )
         got = None
         for seq in range(10):
             camera.send_multipart([P.packb(dict(header, seq=seq)), IMAGE.tobytes()])
@@ -185,14 +212,25 @@ def test_curve_off_still_plain(tmp_path):
         broker.stop()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--curve-secret-file", "{public}", "--curve-allow-any"], "holds no secret key"),
-    (["--curve-secret-file", "{secret}"], "CURVE needs --curve-clients DIR, --curve-allow-any or --worker-keys DIR"),
-    (["--curve-allow-any"], "need --curve-secret-file"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--curve-secret-file", "{public}", "--curve-allow-any"], "holds no secret key"),
+        (
+            ["--curve-secret-file", "{secret}"],
+            "CURVE needs --curve-clients DIR, --curve-allow-any or --worker-keys DIR",
+        ),
+        (["--curve-allow-any"], "need --curve-secret-file"),
+    ],
+)
 def test_bad_curve_flags_fail_at_start(keys, flags, message):
     flags = [f.format(public=keys["root"] / "server" / "server.key", secret=keys["server_secret"]) for f in flags]
     port = free_port_block(5)
-    out = subprocess.run([sys.executable, "-m", "zdepth", "broker", "--port", str(port), *flags], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "zdepth", "broker", "--port", str(port), *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0 and message in out.stderr + out.stdout
     assert "Traceback" not in out.stderr  # a one-line error

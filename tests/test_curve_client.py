@@ -44,7 +44,9 @@ class CurveServer:
         self.context = zmq.Context()
         self.auth = ThreadAuthenticator(self.context)
         self.auth.start()
-        self.auth.configure_curve(domain="zdepth", location=zmq.auth.CURVE_ALLOW_ANY if allow_any else str(certs / "allowed"))
+        self.auth.configure_curve(
+            domain="zdepth", location=zmq.auth.CURVE_ALLOW_ANY if allow_any else str(certs / "allowed")
+        )
         self.public, secret = zmq.auth.load_certificate(certs / "server.key_secret")
         self.router, self.endpoint = self._bind(zmq.ROUTER, secret)
         self.pull, self.ingress = self._bind(zmq.PULL, secret)
@@ -117,7 +119,9 @@ def test_allowed_client_certificate_works(ironhouse, certs):
     # the same keys as Z85 strings and a (public, secret) pair; the path as a plain str too
     alice = tuple(k.decode() for k in zmq.auth.load_certificate(certs / "alice.key_secret"))
     assert health(ironhouse.endpoint, server_key=ironhouse.public.decode(), client_keys=alice)["user_id"] == alice[0]
-    assert health(ironhouse.endpoint, server_key=str(certs / "server.key"), client_keys=list(alice))["status"] == "healthy"
+    assert (
+        health(ironhouse.endpoint, server_key=str(certs / "server.key"), client_keys=list(alice))["status"] == "healthy"
+    )
 
 
 def test_any_client_with_an_ephemeral_key_pair(stonehouse, certs):
@@ -141,7 +145,10 @@ def test_refused_handshakes_time_out(ironhouse, certs, curve):
         health(ironhouse.endpoint, timeout=1.0, retries=1, **curve)
     assert ("CURVE is on" in str(err.value)) == bool(curve)
     assert ironhouse.requests == []  # nothing got past the handshake
-    assert health(ironhouse.endpoint, server_key=certs / "server.key", client_keys=certs / "alice.key_secret")["status"] == "healthy"
+    assert (
+        health(ironhouse.endpoint, server_key=certs / "server.key", client_keys=certs / "alice.key_secret")["status"]
+        == "healthy"
+    )
 
 
 def test_fresh_sockets_carry_the_same_keys(certs):
@@ -150,7 +157,13 @@ def test_fresh_sockets_carry_the_same_keys(certs):
     call goes out on the fresh socket, which must carry the same CURVE keys to get through."""
     server = CurveServer(certs, allow_any=False, drop=1)
     try:
-        with DepthClient(server.endpoint, timeout=1.0, retries=1, server_key=certs / "server.key", client_keys=certs / "alice.key_secret") as client:
+        with DepthClient(
+            server.endpoint,
+            timeout=1.0,
+            retries=1,
+            server_key=certs / "server.key",
+            client_keys=certs / "alice.key_secret",
+        ) as client:
             with pytest.raises(Timeout):
                 client.health()
             reply = client.health()
@@ -169,7 +182,9 @@ def test_stream_publisher_and_subscriber(ironhouse, certs):
         publisher.send(np.zeros((4, 6, 3), np.uint8))
         assert ironhouse.pull.poll(5000)
         frames = ironhouse.pull.recv_multipart(copy=False)
-    assert P.decode_header(frames[0])["stream"] == "cam0" and frames[0].get("User-Id") == public_key(certs / "alice.key")
+    assert P.decode_header(frames[0])["stream"] == "cam0" and frames[0].get("User-Id") == public_key(
+        certs / "alice.key"
+    )
 
     with DepthSubscriber(ironhouse.results, "cam0", **curve) as subscriber:
         result = None
@@ -180,7 +195,9 @@ def test_stream_publisher_and_subscriber(ironhouse, certs):
                 break
     assert result is not None and result.ok and result.stream == "cam0"
 
-    with CameraPublisher(ironhouse.ingress, stream="cam1", server_key=certs / "server.key", client_keys=certs / "mallory.key_secret") as intruder:
+    with CameraPublisher(
+        ironhouse.ingress, stream="cam1", server_key=certs / "server.key", client_keys=certs / "mallory.key_secret"
+    ) as intruder:
         intruder.send(np.zeros((4, 6, 3), np.uint8))
         assert not ironhouse.pull.poll(500)
 
@@ -206,7 +223,9 @@ def test_profiles_and_api_functions(ironhouse, certs, tmp_path, monkeypatch):
 
     monkeypatch.setenv("ZDEPTH_SERVERS", str(config))
     assert api.get_health("secure", timeout=5)["user_id"] == public_key(certs / "alice.key")
-    explicit = api.get_health(ironhouse.endpoint, timeout=5, server_key=certs / "server.key", client_keys=certs / "alice.key_secret")
+    explicit = api.get_health(
+        ironhouse.endpoint, timeout=5, server_key=certs / "server.key", client_keys=certs / "alice.key_secret"
+    )
     assert explicit["status"] == "healthy"
 
 
@@ -281,19 +300,28 @@ class CurveServe(Server):
 
 def test_real_server_with_allowed_client_certificates(tmp_path, certs):
     alice = {"server_key": certs / "server.key", "client_keys": certs / "alice.key_secret"}
-    server = CurveServe(tmp_path, alice, ["--curve-secret-file", str(certs / "server.key_secret"), "--curve-clients", str(certs / "allowed")])
+    server = CurveServe(
+        tmp_path,
+        alice,
+        ["--curve-secret-file", str(certs / "server.key_secret"), "--curve-clients", str(certs / "allowed")],
+    )
     try:
         with DepthClient(server.endpoint, timeout=30, input_size=TEST_INPUT_SIZE, **alice) as client:
             assert client.health()["encrypted"] is True
             assert client.metric_depth(np.zeros((24, 32, 3), np.uint8)).depth.shape == (24, 32)
-        for curve in ({}, {"server_key": certs / "mallory.key", "client_keys": certs / "alice.key_secret"},
-                      {"server_key": certs / "server.key", "client_keys": certs / "mallory.key_secret"}, {"server_key": certs / "server.key"}):
+        for curve in (
+            {},
+            {"server_key": certs / "mallory.key", "client_keys": certs / "alice.key_secret"},
+            {"server_key": certs / "server.key", "client_keys": certs / "mallory.key_secret"},
+            {"server_key": certs / "server.key"},
+        ):
             with pytest.raises(Timeout):
                 health(server.endpoint, timeout=1.0, **curve)
 
-        with DepthSubscriber(server.pub, "cam0", **alice) as subscriber, CameraPublisher(
-            server.stream, stream="cam0", input_size=TEST_INPUT_SIZE, **alice
-        ) as camera:
+        with (
+            DepthSubscriber(server.pub, "cam0", **alice) as subscriber,
+            CameraPublisher(server.stream, stream="cam0", input_size=TEST_INPUT_SIZE, **alice) as camera,
+        ):
             result = None
             for _ in range(60):  # the SUB joins late: send until a result comes back
                 camera.send(np.zeros((24, 32, 3), np.uint8))
@@ -306,7 +334,11 @@ def test_real_server_with_allowed_client_certificates(tmp_path, certs):
 
 
 def test_real_server_allowing_any_client(tmp_path, certs):
-    server = CurveServe(tmp_path, {"server_key": certs / "server.key"}, ["--curve-secret-file", str(certs / "server.key_secret"), "--curve-allow-any"])
+    server = CurveServe(
+        tmp_path,
+        {"server_key": certs / "server.key"},
+        ["--curve-secret-file", str(certs / "server.key_secret"), "--curve-allow-any"],
+    )
     try:
         assert health(server.endpoint, server_key=certs / "server.key")["encrypted"] is True  # an ephemeral key pair
         with pytest.raises(Timeout):

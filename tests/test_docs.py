@@ -104,12 +104,21 @@ def test_wire_dtypes_and_limits_are_documented(doc):
 def test_worker_protocol_is_documented(doc):
     text = section(doc, "11. Worker")
     assert f"`{P.WORKER_PROTOCOL.decode()}`" in text
-    commands = {"READY": P.W_READY, "REQUEST": P.W_REQUEST, "REPLY": P.W_REPLY, "HEARTBEAT": P.W_HEARTBEAT, "DISCONNECT": P.W_DISCONNECT}
+    commands = {
+        "READY": P.W_READY,
+        "REQUEST": P.W_REQUEST,
+        "REPLY": P.W_REPLY,
+        "HEARTBEAT": P.W_HEARTBEAT,
+        "DISCONNECT": P.W_DISCONNECT,
+    }
     for name, byte in commands.items():
         assert len(byte) == 1
         assert re.search(rf"^\| `{name}` \| `0x{byte[0]:02x}` \|", text, re.M), f"{name} = 0x{byte[0]:02x} has no row"
     assert f"every **{P.HEARTBEAT_INTERVAL_S:g} s**" in text
-    assert f"{P.HEARTBEAT_LIVENESS} × {P.HEARTBEAT_INTERVAL_S:g} s = {P.HEARTBEAT_LIVENESS * P.HEARTBEAT_INTERVAL_S:g} s" in text
+    assert (
+        f"{P.HEARTBEAT_LIVENESS} × {P.HEARTBEAT_INTERVAL_S:g} s = {P.HEARTBEAT_LIVENESS * P.HEARTBEAT_INTERVAL_S:g} s"
+        in text
+    )
     assert "status 3" in text
 
 
@@ -198,7 +207,13 @@ VALID = {
     "intrinsics": {"fx": 500.0, "fy": 501.0, "cx": 2.5, "cy": 1.5},
     "with_color": True,
     # the raw image (4 x 6) at half the calibration size; excludes `intrinsics`, so full_header leaves it out
-    "camera_info": {"k": [500.0, 0, 5.5, 0, 501.0, 3.5, 0, 0, 1], "width": 12, "height": 8, "d": [0.0] * 5, "distortion_model": "plumb_bob"},
+    "camera_info": {
+        "k": [500.0, 0, 5.5, 0, 501.0, 3.5, 0, 0, 1],
+        "width": 12,
+        "height": 8,
+        "d": [0.0] * 5,
+        "distortion_model": "plumb_bob",
+    },
 }
 
 # Fields parse_predict reads (to validate them) for methods whose schema does not list them:
@@ -276,7 +291,10 @@ def test_parse_predict_reads_only_documented_fields(method):
     """Every field name parse_predict looks at appears in the schema (common or the method's
     fields; or, for fields validated without effect, in VALIDATED_ONLY)."""
     allowed = documented_fields(method) | VALIDATED_ONLY[method]
-    for header in (full_header(method), {"v": 1, "method": method, "image": VALID["image"], "intrinsics": VALID["intrinsics"]}):
+    for header in (
+        full_header(method),
+        {"v": 1, "method": method, "image": VALID["image"], "intrinsics": VALID["intrinsics"]},
+    ):
         recorded = RecordingHeader(header)
         parse_predict(recorded, frames_for(header))
         undocumented = sorted(recorded.read - allowed)

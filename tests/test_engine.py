@@ -78,7 +78,9 @@ def test_both_preprocessing_paths_give_the_same_depth(engine):
     assert engine.preprocess == "exact"  # "auto" on the CPU
     fast = Engine(device="cpu", random_weights=True, preprocess="torch")
     image = photo_like(50, 70, seed=3)
-    np.testing.assert_allclose(fast.metric_depth(image, input_size=70), engine.metric_depth(image, input_size=70), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        fast.metric_depth(image, input_size=70), engine.metric_depth(image, input_size=70), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_postprocessing_returns_the_input_size_with_aligned_corners():
@@ -119,10 +121,14 @@ def test_metric_depth_is_max_depth_times_rel_depth(engine):
     rel = engine.relative_depth(image, input_size=SIZE)  # hypersim model, max_depth 1.0
     assert 0 < rel.min() and rel.max() < 1  # the Sigmoid itself
     for max_depth in (1.0, 7.5, 20.0):
-        np.testing.assert_allclose(engine.metric_depth(image, max_depth=max_depth, input_size=SIZE), max_depth * rel, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            engine.metric_depth(image, max_depth=max_depth, input_size=SIZE), max_depth * rel, rtol=1e-5, atol=1e-6
+        )
     np.testing.assert_allclose(engine.metric_depth(image, input_size=SIZE), 20.0 * rel, rtol=1e-5)  # hypersim default
     vkitti_rel = engine.relative_depth(image, dataset="vkitti", input_size=SIZE)
-    np.testing.assert_allclose(engine.metric_depth(image, dataset="vkitti", input_size=SIZE), 80.0 * vkitti_rel, rtol=1e-5)
+    np.testing.assert_allclose(
+        engine.metric_depth(image, dataset="vkitti", input_size=SIZE), 80.0 * vkitti_rel, rtol=1e-5
+    )
 
 
 def test_pointcloud_z_is_the_metric_depth_and_xy_follow_the_intrinsics(engine):
@@ -177,7 +183,10 @@ def test_same_size_requests_share_one_forward_pass_and_match_separate_calls():
     engine = Engine(device="cpu", random_weights=True)
     sizes = count_batches(engine.model("vits", "hypersim"))
     images = [photo_like(seed=s) for s in range(3)]
-    requests = [engine.request(P.METRIC_DEPTH, image, max_depth=m, input_size=SIZE) for image, m in zip(images, (5.0, 10.0, 20.0))]
+    requests = [
+        engine.request(P.METRIC_DEPTH, image, max_depth=m, input_size=SIZE)
+        for image, m in zip(images, (5.0, 10.0, 20.0))
+    ]
     batched = engine.run(requests, images)
     assert sizes == [3]
     separate = [engine.run([r], [i])[0] for r, i in zip(requests, images)]
@@ -187,7 +196,12 @@ def test_same_size_requests_share_one_forward_pass_and_match_separate_calls():
     assert len({r.timing["inference_ms"] for r in batched}) == 1
     # Another size, another input size or another model: separate forward passes, results in order.
     odd = photo_like(40, 64)
-    mixed = [requests[0], engine.request(P.METRIC_DEPTH, odd, input_size=SIZE), engine.request(P.METRIC_DEPTH, images[1], input_size=70), requests[2]]
+    mixed = [
+        requests[0],
+        engine.request(P.METRIC_DEPTH, odd, input_size=SIZE),
+        engine.request(P.METRIC_DEPTH, images[1], input_size=70),
+        requests[2],
+    ]
     results = engine.run(mixed, [images[0], odd, images[1], images[2]])
     assert sorted(sizes[4:]) == [1, 1, 2]
     assert [r.arrays["depth"].shape for r in results] == [(48, 64), (40, 64), (48, 64), (48, 64)]
@@ -330,4 +344,7 @@ def test_cuda_matches_the_cpu_batches_and_unprojects_there(engine):
         np.testing.assert_allclose(result.arrays["points"], alone, rtol=1e-2, atol=1e-2)
         depth = result.arrays["points"][:, 2].reshape(48, 64)
         np.testing.assert_allclose(result.arrays["points"], geometry.unproject(depth, K), rtol=1e-5, atol=1e-5)
-    assert gpu.predict(P.METRIC_DEPTH, images[0], output_dtype="float16", input_size=70).arrays["depth"].dtype == np.float16
+    assert (
+        gpu.predict(P.METRIC_DEPTH, images[0], output_dtype="float16", input_size=70).arrays["depth"].dtype
+        == np.float16
+    )

@@ -18,7 +18,10 @@ def _main_raising(exc: BaseException, monkeypatch) -> int:
     return cli.main([])
 
 
-@pytest.mark.parametrize("error", [errors.ConfigError, errors.CheckpointNotFound, errors.DownloadError, errors.KeysError, errors.CommandError])
+@pytest.mark.parametrize(
+    "error",
+    [errors.ConfigError, errors.CheckpointNotFound, errors.DownloadError, errors.KeysError, errors.CommandError],
+)
 def test_user_errors_exit_2_with_their_message(error, monkeypatch, capsys):
     assert _main_raising(error("what to do"), monkeypatch) == 2
     assert capsys.readouterr().err == "zdepth: error: what to do\n"
@@ -34,10 +37,14 @@ def test_the_modules_raise_the_shared_types_and_stay_torch_free():
         "import sys, zdepth.errors, zdepth.checkpoint_files, zdepth.weights, zdepth.keys_cli, zdepth.config, zdepth.serve, zdepth.stream_tools\n"
         "print(sorted(m for m in ('torch', 'cv2') if m in sys.modules))"
     )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
     from zdepth import engine, keys_cli, serve, weights
     from zdepth.model import checkpoints
 
-    assert issubclass(engine.ConfigError, errors.UserError) and issubclass(checkpoints.CheckpointError, errors.UserError)
+    assert issubclass(engine.ConfigError, errors.UserError) and issubclass(
+        checkpoints.CheckpointError, errors.UserError
+    )
     for raised in (weights.DownloadError, keys_cli.KeysError, serve.ServeError):
         assert issubclass(raised, errors.UserError)

@@ -196,7 +196,11 @@ def test_timeout_covers_the_whole_fetch(http_server, path):
 @pytest.fixture(scope="module")
 def url_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fetch")
-    server = Server(tmp, tmp, extra=["--random-weights", "--allow-url-host", "127.0.0.1", "--allow-private-urls", "--url-timeout", "2"])
+    server = Server(
+        tmp,
+        tmp,
+        extra=["--random-weights", "--allow-url-host", "127.0.0.1", "--allow-private-urls", "--url-timeout", "2"],
+    )
     yield server
     server.stop()
 

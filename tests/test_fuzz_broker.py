@@ -21,8 +21,12 @@ KEY = "zd-fuzz-key"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_dir):
     # --backend-host: serve binds no TCP worker port unless asked, and the fake worker needs one
-    srv = Server(tmp_path_factory.mktemp("fuzz"), checkpoint_dir, workers=1,
-                 extra=["--api-key", KEY, "--require-auth", "--max-request-mb", "1", "--backend-host", "127.0.0.1"])
+    srv = Server(
+        tmp_path_factory.mktemp("fuzz"),
+        checkpoint_dir,
+        workers=1,
+        extra=["--api-key", KEY, "--require-auth", "--max-request-mb", "1", "--backend-host", "127.0.0.1"],
+    )
     yield srv
     srv.stop()
 

@@ -28,7 +28,11 @@ scalars = st.one_of(
     st.text(max_size=20),
     st.binary(max_size=20),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 frames = st.lists(st.binary(max_size=64), min_size=1, max_size=6)
 
 # Fields a prediction header has, each with its right type in a valid header and anything in a mutated one.
@@ -92,7 +96,10 @@ def test_arbitrary_array_descriptor(desc, parts):
     st.lists(st.integers(min_value=0, max_value=2**40), min_size=1, max_size=4),
     st.sampled_from([*P.COMPRESSIONS, "lz4", None, 1]),
     st.sampled_from([*P.FILTERS, "shuffle", None]),
-    st.one_of(st.binary(max_size=96), st.binary(max_size=400).map(lambda b: __import__("zstandard").ZstdCompressor().compress(b))),
+    st.one_of(
+        st.binary(max_size=96),
+        st.binary(max_size=400).map(lambda b: __import__("zstandard").ZstdCompressor().compress(b)),
+    ),
 )
 def test_compressed_descriptors_never_overrun(dtype, shape, compression, filter_, payload):
     """Any descriptor and payload: an array of exactly the declared size, or a protocol error."""
@@ -110,7 +117,9 @@ def test_compressed_descriptors_never_overrun(dtype, shape, compression, filter_
 )
 def test_huge_and_wrong_shapes(dtype, shape, frame_bytes):
     """Huge declared shapes must not overflow into a size that happens to match the frame."""
-    array = only_protocol_errors(P.array_from_frames, {"frame": 1, "dtype": dtype, "shape": shape}, [b"h", bytes(frame_bytes)])
+    array = only_protocol_errors(
+        P.array_from_frames, {"frame": 1, "dtype": dtype, "shape": shape}, [b"h", bytes(frame_bytes)]
+    )
     if array is not None:
         assert array.nbytes == frame_bytes and list(array.shape) == shape
 

@@ -27,7 +27,9 @@ MB = 1024 * 1024
 
 
 def raw_header(shape: tuple, input_size: int = P.DEFAULT_INPUT_SIZE) -> dict:
-    return P.request_header(P.METRIC_DEPTH, id="bomb", input_size=input_size, image={"frame": 1, "format": "raw", "shape": list(shape)})
+    return P.request_header(
+        P.METRIC_DEPTH, id="bomb", input_size=input_size, image={"frame": 1, "format": "raw", "shape": list(shape)}
+    )
 
 
 def encoded_header(fmt: str, input_size: int = P.DEFAULT_INPUT_SIZE) -> dict:
@@ -43,7 +45,9 @@ def refused(reply: dict, flag: str) -> None:
 def lone_broker(tmp_path):
     """`zdepth broker` without workers: whatever answers a prediction is the broker itself."""
     port = free_port_block(5)
-    process = Process(["broker", "--port", str(port), "--log-level", "ERROR", "--no-worker-grace", "0"], tmp_path / "broker.log")
+    process = Process(
+        ["broker", "--port", str(port), "--log-level", "ERROR", "--no-worker-grace", "0"], tmp_path / "broker.log"
+    )
     endpoint = f"tcp://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while health(endpoint, timeout_s=0.5) is None:
@@ -56,7 +60,10 @@ def test_broker_refuses_raw_compute_bombs(lone_broker):
     thin = np.zeros((1, 600, 3), np.uint8)  # 1,800 bytes; at input 518: 518 x 310,800
     refused(raw_request(lone_broker, raw_header(thin.shape), [thin.tobytes()], timeout_s=2)[0], "--max-aspect")
     wide = np.zeros((300, 1200, 3), np.uint8)  # aspect 4 is fine, but at input 1792: 128 x 512 = 65,536 tokens
-    refused(raw_request(lone_broker, raw_header(wide.shape, P.MAX_INPUT_SIZE), [wide.tobytes()], timeout_s=2)[0], "--max-tokens")
+    refused(
+        raw_request(lone_broker, raw_header(wide.shape, P.MAX_INPUT_SIZE), [wide.tobytes()], timeout_s=2)[0],
+        "--max-tokens",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,13 @@ def server(tmp_path_factory, checkpoint_dir):
     "name, data, fmt, input_size, flag",
     [
         ("thin png", thin_png(), "png", P.DEFAULT_INPUT_SIZE, "--max-aspect"),
-        ("wide png at the largest input", encode_png(np.zeros((300, 1200, 3), np.uint8)), "png", P.MAX_INPUT_SIZE, "--max-tokens"),
+        (
+            "wide png at the largest input",
+            encode_png(np.zeros((300, 1200, 3), np.uint8)),
+            "png",
+            P.MAX_INPUT_SIZE,
+            "--max-tokens",
+        ),
         ("progressive jpeg of 210 scans", scan_bomb(200, 512), "jpeg", TEST_INPUT_SIZE, "--max-jpeg-scans"),
     ],
 )
@@ -81,7 +94,9 @@ def test_worker_refuses_compute_bombs_before_the_model(server, name, data, fmt, 
     refused(reply, flag)
     image = np.zeros((48, 64, 3), np.uint8)
     started = time.monotonic()
-    reply, arrays = raw_request(server.endpoint, raw_header(image.shape, TEST_INPUT_SIZE), [image.tobytes()], timeout_s=10)
+    reply, arrays = raw_request(
+        server.endpoint, raw_header(image.shape, TEST_INPUT_SIZE), [image.tobytes()], timeout_s=10
+    )
     assert reply["ok"] is True, reply
     assert time.monotonic() - started < 5.0, "the next request waited"
 
@@ -105,9 +120,14 @@ def test_client_that_never_reads_is_bounded(reply_server):
     """Attack 1: point clouds with colours (15 MiB each) to a client that reads nothing. Without
     the reply budget the broker holds every reply (12 x 15 MiB); with it, one reply plus 4 MiB."""
     image = np.zeros((1024, 1024, 3), np.uint8)
-    header = P.request_header(P.POINTCLOUD, id="flood", input_size=TEST_INPUT_SIZE, with_color=True,
-                              intrinsics={"fx": 500.0, "fy": 500.0, "cx": 512.0, "cy": 512.0},
-                              image={"frame": 1, "format": "raw", "shape": list(image.shape)})
+    header = P.request_header(
+        P.POINTCLOUD,
+        id="flood",
+        input_size=TEST_INPUT_SIZE,
+        with_color=True,
+        intrinsics={"fx": 500.0, "fy": 500.0, "cx": 512.0, "cy": 512.0},
+        image={"frame": 1, "format": "raw", "shape": list(image.shape)},
+    )
     ctx = zmq.Context.instance()
     attacker = ctx.socket(zmq.DEALER)
     attacker.setsockopt(zmq.RCVHWM, 1)  # its ZeroMQ stops reading the connection too
@@ -121,7 +141,9 @@ def test_client_that_never_reads_is_bounded(reply_server):
             attacker.send_multipart([b"", P.packb(header), image.tobytes()])
         # One worker serves in order: when a good client's request is answered, so were the 12.
         small = np.zeros((48, 64, 3), np.uint8)
-        reply, _ = raw_request(reply_server.endpoint, raw_header(small.shape, TEST_INPUT_SIZE), [small.tobytes()], timeout_s=60)
+        reply, _ = raw_request(
+            reply_server.endpoint, raw_header(small.shape, TEST_INPUT_SIZE), [small.tobytes()], timeout_s=60
+        )
         assert reply["ok"] is True, reply
         time.sleep(0.5)
         grown = rss_mb(broker_pid) - before
@@ -134,7 +156,9 @@ def test_client_that_never_reads_is_bounded(reply_server):
 
 # --- connections ----------------------------------------------------------------------------
 
-ZMTP_GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31)  # ZMTP 3.1, NULL, client
+ZMTP_GREETING = (
+    b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31)
+)  # ZMTP 3.1, NULL, client
 ZMTP_READY_DEALER = b"\x04\x1a\x05READY\x0bSocket-Type\x00\x00\x00\x06DEALER"  # the client's half of the NULL handshake
 
 
@@ -143,8 +167,24 @@ def start_broker(tmp_path, *flags: str, fd_limit: Optional[tuple] = None) -> tup
     port = free_port_block(5)
     log = open(tmp_path / f"broker-{port}.log", "ab")
     limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, fd_limit)) if fd_limit else None
-    proc = subprocess.Popen([sys.executable, "-m", "zdepth", "broker", "--port", str(port), "--log-level", "WARNING", "--no-worker-grace", "0", *flags],
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zdepth",
+            "broker",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+            "--no-worker-grace",
+            "0",
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=limit,
+    )
     deadline = time.monotonic() + 30
     while health(f"tcp://127.0.0.1:{port}", timeout_s=0.5) is None:
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / f"broker-{port}.log").read_text()
@@ -216,7 +256,9 @@ def test_stream_table_gives_a_new_source_a_slot_at_once():
     slots.put("junk-0", "waiting frame", now=0.0)
     stats, evicted = slots.admit("camera", now=4.0, source="address 10.0.0.2")
     assert stats is not None and evicted == "waiting frame" and "junk-0" not in slots.stats
-    assert slots.admit("junk-new", now=5.0, source="address 10.0.0.9")[0] is None, "the newcomer is not pushed out in turn"
+    assert slots.admit("junk-new", now=5.0, source="address 10.0.0.9")[0] is None, (
+        "the newcomer is not pushed out in turn"
+    )
     stats, _ = slots.admit("junk-new", now=61.5, source="address 10.0.0.9")  # junk-1 has been silent for idle_s
     assert stats is not None and "camera" in slots.stats and "junk-1" not in slots.stats
     fair = StreamSlots(max_streams=2, idle_s=60.0)  # every source holds one name: the newcomer waits for an idle one
@@ -230,8 +272,17 @@ def test_stream_frames_count_against_their_source_address(tmp_path):
     """Without auth, one sender's camera frames fill at most its per-source share of the bytes
     (--max-client-inflight-mb), so a good client's request still fits in the total."""
     image = np.zeros((600, 500, 3), np.uint8)  # 0.86 MB: two fit under 2 MB, four fill 4 MB
-    proc, port = start_broker(tmp_path, "--max-request-mb", "4", "--max-client-inflight-mb", "2", "--max-inflight-mb", "4",
-                              "--max-image-pixels", "400000")
+    proc, port = start_broker(
+        tmp_path,
+        "--max-request-mb",
+        "4",
+        "--max-client-inflight-mb",
+        "2",
+        "--max-inflight-mb",
+        "4",
+        "--max-image-pixels",
+        "400000",
+    )
     ctx = zmq.Context.instance()
     camera = ctx.socket(zmq.PUSH)
     camera.setsockopt(zmq.LINGER, 0)
@@ -239,8 +290,13 @@ def test_stream_frames_count_against_their_source_address(tmp_path):
     endpoint = f"tcp://127.0.0.1:{port}"
     try:
         for i in range(6):
-            header = P.request_header(P.METRIC_DEPTH, stream=f"cam-{i}", seq=0, input_size=TEST_INPUT_SIZE,
-                                      image={"frame": 1, "format": "raw", "shape": list(image.shape)})
+            header = P.request_header(
+                P.METRIC_DEPTH,
+                stream=f"cam-{i}",
+                seq=0,
+                input_size=TEST_INPUT_SIZE,
+                image={"frame": 1, "format": "raw", "shape": list(image.shape)},
+            )
             camera.send_multipart([P.packb(header), image.tobytes()])
         deadline = time.monotonic() + 5
         while True:  # until all six are counted, admitted or rejected
@@ -252,7 +308,12 @@ def test_stream_frames_count_against_their_source_address(tmp_path):
         client = ctx.socket(zmq.DEALER)
         client.setsockopt(zmq.LINGER, 0)
         client.connect(endpoint)
-        header = P.request_header(P.METRIC_DEPTH, id="good", input_size=TEST_INPUT_SIZE, image={"frame": 1, "format": "raw", "shape": list(image.shape)})
+        header = P.request_header(
+            P.METRIC_DEPTH,
+            id="good",
+            input_size=TEST_INPUT_SIZE,
+            image={"frame": 1, "format": "raw", "shape": list(image.shape)},
+        )
         client.send_multipart([b"", P.packb(header), image.tobytes()])
         assert not client.poll(500), "the good request was refused, not queued for a worker"
         client.close()
@@ -293,17 +354,46 @@ def wait_for(condition, timeout_s: float = 30.0):
 
 def test_only_workers_with_allowed_keys_register(tmp_path):
     for name, folder in (("server", "server"), ("gpu-1", "workers"), ("rogue", "rogue")):
-        assert subprocess.run([sys.executable, "-m", "zdepth", "keygen", name, "--dir", str(tmp_path / folder)], capture_output=True).returncode == 0
-    proc, port = start_broker(tmp_path, "--curve-secret-file", str(tmp_path / "server" / "server.key_secret"),
-                              "--worker-keys", str(tmp_path / "workers"))
+        assert (
+            subprocess.run(
+                [sys.executable, "-m", "zdepth", "keygen", name, "--dir", str(tmp_path / folder)], capture_output=True
+            ).returncode
+            == 0
+        )
+    proc, port = start_broker(
+        tmp_path,
+        "--curve-secret-file",
+        str(tmp_path / "server" / "server.key_secret"),
+        "--worker-keys",
+        str(tmp_path / "workers"),
+    )
     endpoint = f"tcp://127.0.0.1:{port}"
     backend = f"tcp://127.0.0.1:{port + P.BACKEND_PORT_OFFSET}"
     server_public, _ = zmq.auth.load_certificate(tmp_path / "server" / "server.key")
     rogue_public, rogue_secret = zmq.auth.load_certificate(tmp_path / "rogue" / "rogue.key_secret")
-    worker = Process(["worker", "--connect", backend, "--name", "gpu-1", "--device", "cpu", "--threads", "1", "--random-weights",
-                      "--curve-secret-file", str(tmp_path / "workers" / "gpu-1.key_secret"), "--curve-server-key", str(tmp_path / "server" / "server.key")],
-                     tmp_path / "worker.log")
-    impostors = [fake_worker(backend, "gpu-1"), fake_worker(backend, "gpu-1", (rogue_public, rogue_secret, server_public))]
+    worker = Process(
+        [
+            "worker",
+            "--connect",
+            backend,
+            "--name",
+            "gpu-1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--random-weights",
+            "--curve-secret-file",
+            str(tmp_path / "workers" / "gpu-1.key_secret"),
+            "--curve-server-key",
+            str(tmp_path / "server" / "server.key"),
+        ],
+        tmp_path / "worker.log",
+    )
+    impostors = [
+        fake_worker(backend, "gpu-1"),
+        fake_worker(backend, "gpu-1", (rogue_public, rogue_secret, server_public)),
+    ]
     try:
         workers = wait_for(lambda: health(endpoint)["workers"], 90)
         assert [w["name"] for w in workers] == ["gpu-1"], worker.log()

@@ -69,7 +69,9 @@ def test_raw_frames_bgr_is_a_zero_copy_view_and_rgb_is_converted():
     bgr = decode_frame({"frame": 1, "format": "raw", "shape": [48, 64, 3]}, payload)
     np.testing.assert_array_equal(bgr, image)
     assert not bgr.flags.writeable  # a view on the frame, not a copy
-    rgb = decode_frame({"frame": 1, "format": "raw", "shape": [48, 64, 3], "channels": "rgb"}, image[..., ::-1].tobytes())
+    rgb = decode_frame(
+        {"frame": 1, "format": "raw", "shape": [48, 64, 3], "channels": "rgb"}, image[..., ::-1].tobytes()
+    )
     np.testing.assert_array_equal(rgb, image)
 
 

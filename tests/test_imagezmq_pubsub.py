@@ -13,8 +13,8 @@ import pytest
 imagezmq = pytest.importorskip("imagezmq")
 
 from clients import DepthSubscriber  # noqa: E402
-from zdepth import protocol as P  # noqa: E402
 from tests.servers import TEST_INPUT_SIZE, Server, free_port_block, raw_request  # noqa: E402
+from zdepth import protocol as P  # noqa: E402
 
 HEIGHT, WIDTH = 48, 64
 
@@ -63,8 +63,12 @@ def test_oversized_pub_frames_never_reach_the_broker(tmp_path, checkpoint_dir):
     port = free_port_block(1)
     sender = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{port}", REQ_REP=False)
     fields = json.dumps({"method": P.METRIC_DEPTH, "input_size": TEST_INPUT_SIZE})
-    server = Server(tmp_path, checkpoint_dir, workers=1,
-                    extra=["--imagezmq-fields", fields, "--imagezmq-sub", f"tcp://127.0.0.1:{port}", "--max-request-mb", "1"])
+    server = Server(
+        tmp_path,
+        checkpoint_dir,
+        workers=1,
+        extra=["--imagezmq-fields", fields, "--imagezmq-sub", f"tcp://127.0.0.1:{port}", "--max-request-mb", "1"],
+    )
     big = np.zeros((1100, 1000, 3), np.uint8)  # 3.3 MB
     small = np.random.default_rng(0).integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)
     try:

@@ -111,7 +111,11 @@ def wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
 def test_key_file_changes_reach_a_running_server(tmp_path, capsys):
     path = tmp_path / "keys.txt"
     alpha = add_key(capsys, "alpha", path)
-    server = Server(tmp_path, tmp_path, extra=["--random-weights", "--require-auth", "--api-key-file", str(path), "--log-level", "DEBUG"])
+    server = Server(
+        tmp_path,
+        tmp_path,
+        extra=["--random-weights", "--require-auth", "--api-key-file", str(path), "--log-level", "DEBUG"],
+    )
     keys = [alpha]
 
     def accepted(key: str) -> bool:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import zmq
 
+from bench.fuzz import png_bomb
 from broker.limits import ByteBudget, RateLimiter
 from broker.streams import StreamSlots
-from bench.fuzz import png_bomb
 from tests.servers import TEST_INPUT_SIZE, Process, Server, free_port_block, health
 from zdepth import protocol as P
 
@@ -32,7 +32,10 @@ class Broker:
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.stream = f"tcp://127.0.0.1:{self.port + P.STREAM_PORT_OFFSET}"
         # --no-worker-grace 0: without workers, requests stay queued (holding their bytes) until their deadline
-        self.process = Process(["broker", "--port", str(self.port), "--log-level", "ERROR", "--no-worker-grace", "0", *flags], tmp / f"broker-{self.port}.log")
+        self.process = Process(
+            ["broker", "--port", str(self.port), "--log-level", "ERROR", "--no-worker-grace", "0", *flags],
+            tmp / f"broker-{self.port}.log",
+        )
         deadline = time.monotonic() + 30
         while health(self.endpoint, timeout_s=0.5) is None:
             if self.process.proc.poll() is not None or time.monotonic() > deadline:
@@ -87,8 +90,14 @@ class Client:
 
 
 def predict(i: int, key: str = KEY_A, image: np.ndarray = IMAGE, timeout_ms: int = 60_000) -> tuple:
-    header = P.request_header(P.METRIC_DEPTH, id=i, key=key, timeout_ms=timeout_ms, input_size=TEST_INPUT_SIZE,
-                              image={"frame": 1, "format": "raw", "shape": list(image.shape)})
+    header = P.request_header(
+        P.METRIC_DEPTH,
+        id=i,
+        key=key,
+        timeout_ms=timeout_ms,
+        input_size=TEST_INPUT_SIZE,
+        image={"frame": 1, "format": "raw", "shape": list(image.shape)},
+    )
     return header, [image.tobytes()]
 
 
@@ -102,8 +111,22 @@ def error(reply: dict) -> tuple:
 
 @pytest.fixture
 def byte_broker(tmp_path):
-    b = Broker(tmp_path, "--api-key", KEY_A, "--api-key", KEY_B, "--require-auth", "--max-request-mb", "4",
-               "--max-client-inflight-mb", "2", "--max-inflight-mb", "3", "--max-image-pixels", "400000")
+    b = Broker(
+        tmp_path,
+        "--api-key",
+        KEY_A,
+        "--api-key",
+        KEY_B,
+        "--require-auth",
+        "--max-request-mb",
+        "4",
+        "--max-client-inflight-mb",
+        "2",
+        "--max-inflight-mb",
+        "3",
+        "--max-image-pixels",
+        "400000",
+    )
     yield b
     b.stop()
 
@@ -227,7 +250,10 @@ def _subscription_dropped(endpoint: str, topic: bytes, timeout_s: float) -> bool
     try:
         sub.setsockopt(zmq.SUBSCRIBE, topic)  # sent as soon as the connection is up
         sub.connect(endpoint)
-        return bool(monitor.poll(int(timeout_s * 1000))) and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        return (
+            bool(monitor.poll(int(timeout_s * 1000)))
+            and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        )
     finally:
         sub.disable_monitor()
         monitor.close()
@@ -245,13 +271,24 @@ def test_pub_socket_cuts_off_oversize_subscriptions(byte_broker, topic_bytes, dr
 
 
 def test_rate_limit_per_key(tmp_path):
-    b = Broker(tmp_path, "--api-key", KEY_A, "--api-key", KEY_B, "--require-auth", "--rate-limit", "2", "--rate-burst", "3")
+    b = Broker(
+        tmp_path, "--api-key", KEY_A, "--api-key", KEY_B, "--require-auth", "--rate-limit", "2", "--rate-burst", "3"
+    )
     try:
         with b.socket() as a1, b.socket() as a2, b.socket() as other:
-            replies = [sock.call(P.request_header(P.STATS, id=i, key=KEY_A)) for i, sock in enumerate([a1, a2, a1, a2, a1])]
-            assert [r["ok"] for r in replies] == [True, True, True, False, False], "a key's bucket spans its connections"
+            replies = [
+                sock.call(P.request_header(P.STATS, id=i, key=KEY_A)) for i, sock in enumerate([a1, a2, a1, a2, a1])
+            ]
+            assert [r["ok"] for r in replies] == [True, True, True, False, False], (
+                "a key's bucket spans its connections"
+            )
             code, message = error(replies[3])
-            assert code == P.RATE_LIMITED and "2 requests/s" in message and "bursts of 3" in message and "--rate-limit" in message
+            assert (
+                code == P.RATE_LIMITED
+                and "2 requests/s" in message
+                and "bursts of 3" in message
+                and "--rate-limit" in message
+            )
             assert other.call(P.request_header(P.STATS, id=9, key=KEY_B))["ok"], "other keys are not limited"
             assert a1.call(P.request_header(P.HEALTH, id=10))["ok"], "health is never rate limited"
             time.sleep(0.6)  # one token back at 2/s

@@ -258,7 +258,10 @@ def test_key_mapping_examples():
     assert "neck.fusion_stage.layers.3.projection.weight" in hf  # refinenet1.out_conv
     assert "neck.fusion_stage.layers.0.residual_layer1.convolution1.weight" in hf  # refinenet4 (unused unit)
     assert "neck.convs.3.weight" in hf and "neck.convs.3.bias" not in hf  # layer4_rn has no bias
-    assert "neck.reassemble_stage.layers.3.resize.weight" in hf and "neck.reassemble_stage.layers.2.resize.weight" not in hf
+    assert (
+        "neck.reassemble_stage.layers.3.resize.weight" in hf
+        and "neck.reassemble_stage.layers.2.resize.weight" not in hf
+    )
     assert {"head.conv1.weight", "head.conv2.weight", "head.conv3.weight"} <= set(hf)
     assert len(hf) == 239 + 2 * 12 * 2  # qkv weight+bias split into three per block
     back = hf_to_official(hf, 12)
@@ -268,7 +271,9 @@ def test_key_mapping_examples():
 
 def test_qkv_split_order():
     d = 384
-    sd = {"pretrained.blocks.0.attn.qkv.weight": torch.arange(3 * d, dtype=torch.float32).view(3 * d, 1).expand(3 * d, d)}
+    sd = {
+        "pretrained.blocks.0.attn.qkv.weight": torch.arange(3 * d, dtype=torch.float32).view(3 * d, 1).expand(3 * d, d)
+    }
     hf = official_to_hf(sd)
     assert hf["backbone.encoder.layer.0.attention.attention.query.weight"][0, 0] == 0
     assert hf["backbone.encoder.layer.0.attention.attention.key.weight"][0, 0] == d

@@ -23,8 +23,22 @@ IMAGE = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory, checkpoint_dir):
     metrics_port = free_port_block(1)
-    srv = Server(tmp_path_factory.mktemp("observe"), checkpoint_dir, workers=1,
-                 extra=["--api-key", KEY, "--require-auth", "--metrics-port", str(metrics_port), "--log-level", "DEBUG", "--log-format", "json"])
+    srv = Server(
+        tmp_path_factory.mktemp("observe"),
+        checkpoint_dir,
+        workers=1,
+        extra=[
+            "--api-key",
+            KEY,
+            "--require-auth",
+            "--metrics-port",
+            str(metrics_port),
+            "--log-level",
+            "DEBUG",
+            "--log-format",
+            "json",
+        ],
+    )
     srv.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield srv
     srv.stop()
@@ -62,7 +76,11 @@ def traffic(server: Server) -> None:
     deadline = time.monotonic() + 20
     while True:
         streams = (server.health().get("streams") or {}).get("obs-cam", {})
-        if streams and streams["frames_in"] == streams["processed"] + streams["dropped"] + streams["errors"] and streams["processed"]:
+        if (
+            streams
+            and streams["frames_in"] == streams["processed"] + streams["dropped"] + streams["errors"]
+            and streams["processed"]
+        ):
             return
         assert time.monotonic() < deadline, streams
         time.sleep(0.1)
@@ -89,15 +107,27 @@ def test_stats_after_traffic(observed):
 
 def test_prometheus_endpoint(observed):
     before = scrape(observed.metrics_url)
-    for name in ("zdepth_requests_total", "zdepth_errors_total", "zdepth_request_latency_seconds_bucket", "zdepth_request_latency_seconds_count",
-                 "zdepth_queue_depth", "zdepth_workers", "zdepth_in_flight", "zdepth_bytes_held", "zdepth_stream_frames_total",
-                 "process_resident_memory_bytes"):
+    for name in (
+        "zdepth_requests_total",
+        "zdepth_errors_total",
+        "zdepth_request_latency_seconds_bucket",
+        "zdepth_request_latency_seconds_count",
+        "zdepth_queue_depth",
+        "zdepth_workers",
+        "zdepth_in_flight",
+        "zdepth_bytes_held",
+        "zdepth_stream_frames_total",
+        "process_resident_memory_bytes",
+    ):
         assert f"\n{name}" in before, f"{name} missing from /metrics"
     assert sample(before, "zdepth_workers") == 1
     with DepthClient(observed.endpoint, key=KEY, timeout=30, input_size=TEST_INPUT_SIZE) as client:
         client.relative_depth(IMAGE)
     after = scrape(observed.metrics_url)
-    assert sample(after, "zdepth_requests_total", method=P.REL_DEPTH, outcome="ok") == sample(before, "zdepth_requests_total", method=P.REL_DEPTH, outcome="ok") + 1
+    assert (
+        sample(after, "zdepth_requests_total", method=P.REL_DEPTH, outcome="ok")
+        == sample(before, "zdepth_requests_total", method=P.REL_DEPTH, outcome="ok") + 1
+    )
     assert sample(after, "zdepth_request_latency_seconds_count", method=P.REL_DEPTH) >= 1
     assert KEY not in after and "cli-1" not in after, "the unauthenticated endpoint shows neither keys nor key names"
 

@@ -30,14 +30,19 @@ def send(endpoint: str, i: int, input_size: int = SLOW_INPUT, timeout_ms: int = 
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)
     sock.connect(endpoint)
-    header = P.request_header(P.METRIC_DEPTH, id=i, timeout_ms=timeout_ms, input_size=input_size,
-                              image={"frame": 1, "format": "raw", "shape": list(IMAGE.shape)})
+    header = P.request_header(
+        P.METRIC_DEPTH,
+        id=i,
+        timeout_ms=timeout_ms,
+        input_size=input_size,
+        image={"frame": 1, "format": "raw", "shape": list(IMAGE.shape)},
+    )
     sock.send_multipart([b"", P.packb(header), IMAGE.tobytes()])
     return sock
 
 
 def answer(sock: zmq.Socket, timeout_s: float) -> str:
-    """"ok", an error code, or "none" when nothing came within `timeout_s`."""
+    """ "ok", an error code, or "none" when nothing came within `timeout_s`."""
     try:
         if not sock.poll(int(timeout_s * 1000)):
             return "none"
@@ -140,7 +145,10 @@ def test_hung_worker_is_replaced_and_requests_answered_promptly(tmp_path, checkp
         os.kill(old_pid, signal.SIGSTOP)
         started = time.monotonic()
         outcome = answer(send(server.endpoint, 1, input_size=56, timeout_ms=30_000), 30)
-        assert outcome in ("ok", P.WORKER_LOST) and time.monotonic() - started < 15, (outcome, time.monotonic() - started)
+        assert outcome in ("ok", P.WORKER_LOST) and time.monotonic() - started < 15, (
+            outcome,
+            time.monotonic() - started,
+        )
         new = wait_for(lambda: [w for w in server.health()["workers"] if w["pid"] != old_pid], 90, "a restarted worker")
         assert new and wait_for(lambda: _gone(old_pid), 10, "the hung worker killed")
         with DepthClient(server.endpoint, timeout=60) as client:
@@ -164,7 +172,9 @@ def _gone(pid: int) -> bool:
 def test_without_workers_requests_fail_fast_with_a_retryable_error(tmp_path):
     port = free_port_block(5)
     endpoint = f"tcp://127.0.0.1:{port}"
-    broker = Process(["broker", "--port", str(port), "--no-worker-grace", "0.5", "--log-level", "ERROR"], tmp_path / "broker.log")
+    broker = Process(
+        ["broker", "--port", str(port), "--no-worker-grace", "0.5", "--log-level", "ERROR"], tmp_path / "broker.log"
+    )
     try:
         wait_for(lambda: health(endpoint, 0.5), 30, "the broker")
         queued = send(endpoint, 1, timeout_ms=30_000)
@@ -200,7 +210,10 @@ def test_health_tells_live_from_ready_and_exit_codes(tmp_path, checkpoint_dir):
         assert state["status"] == "not_ready" and state["live"] is True and state["ready"] is False
         assert "checkpoint" in state["workers"][0]["problem"] or "model_unavailable" in state["workers"][0]["problem"]
         assert zdepth("health", "--server", unready.endpoint).returncode == 1
-        assert http_status(f"http://127.0.0.1:{probes}/healthz") == 200 and http_status(f"http://127.0.0.1:{probes}/readyz") == 503
+        assert (
+            http_status(f"http://127.0.0.1:{probes}/healthz") == 200
+            and http_status(f"http://127.0.0.1:{probes}/readyz") == 503
+        )
 
         state = wait_for(lambda: (h := ready.health())["status"] == "healthy" and h, 60, "the worker ready")
         assert state["ready"] is True and state["workers"][0]["ready"] is True
@@ -237,7 +250,10 @@ def test_failed_key_reload_is_an_error_and_in_stats(tmp_path):
     keys.write_text("alice zd-alice-key\n")
     port = free_port_block(5)
     endpoint = f"tcp://127.0.0.1:{port}"
-    broker = Process(["broker", "--port", str(port), "--api-key-file", str(keys), "--require-auth", "--host", "0.0.0.0"], tmp_path / "b.log")
+    broker = Process(
+        ["broker", "--port", str(port), "--api-key-file", str(keys), "--require-auth", "--host", "0.0.0.0"],
+        tmp_path / "b.log",
+    )
     try:
         wait_for(lambda: health(endpoint, 0.5), 30, "the broker")
         keys.write_text("this line is not a key entry at all\n")
@@ -273,13 +289,18 @@ def test_ipv6_everywhere(tmp_path, checkpoint_dir):
     server = Server(tmp_path, checkpoint_dir, workers=1, host="::1", extra=["--metrics-port", str(probes)])
     try:
         wait_for(lambda: http_status(f"http://[::1]:{probes}/readyz") == 200, 60, "/readyz over IPv6")
-        assert http_status(f"http://[::1]:{probes}/healthz") == 200 and http_status(f"http://[::1]:{probes}/metrics") == 200
+        assert (
+            http_status(f"http://[::1]:{probes}/healthz") == 200
+            and http_status(f"http://[::1]:{probes}/metrics") == 200
+        )
         with DepthClient(f"tcp://[::1]:{server.port}", timeout=30) as client:
             assert client.metric_depth(IMAGE, input_size=56).depth.shape == (240, 320)
         from clients import CameraPublisher
 
-        with DepthSubscriber(f"tcp://[::1]:{server.port + P.PUB_PORT_OFFSET}", "v6") as sub, \
-                CameraPublisher(f"tcp://[::1]:{server.port + P.STREAM_PORT_OFFSET}", stream="v6", input_size=56) as pub:
+        with (
+            DepthSubscriber(f"tcp://[::1]:{server.port + P.PUB_PORT_OFFSET}", "v6") as sub,
+            CameraPublisher(f"tcp://[::1]:{server.port + P.STREAM_PORT_OFFSET}", stream="v6", input_size=56) as pub,
+        ):
             deadline = time.monotonic() + 30
             result = None
             while result is None and time.monotonic() < deadline:
@@ -306,14 +327,46 @@ def test_examples_wait_for_their_results(tmp_path, checkpoint_dir):
     examples = Path(__file__).resolve().parents[1] / "clients" / "examples"
     env = dict(os.environ, PYTHONPATH=str(examples.parents[1]))
     try:
-        loop = subprocess.run([sys.executable, str(examples / "camera_loop.py"), "--server", server.endpoint, "--source", str(frames),
-                               "--fps", "20", "--save", str(out), "--input-size", str(P.DEFAULT_INPUT_SIZE)],
-                              capture_output=True, text=True, timeout=120, env=env)
+        loop = subprocess.run(
+            [
+                sys.executable,
+                str(examples / "camera_loop.py"),
+                "--server",
+                server.endpoint,
+                "--source",
+                str(frames),
+                "--fps",
+                "20",
+                "--save",
+                str(out),
+                "--input-size",
+                str(P.DEFAULT_INPUT_SIZE),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert loop.returncode == 0, loop.stderr
-        assert (out / "cam0_000003.png").exists(), loop.stdout  # the last frame's result: the broker always computes the newest
-        robot = subprocess.run([sys.executable, str(examples / "robot_controller_req.py"), "--server", server.endpoint,
-                                "--image", str(frames / "1.jpg"), "--iterations", "1"],
-                               capture_output=True, text=True, timeout=120, env=env)
+        assert (out / "cam0_000003.png").exists(), (
+            loop.stdout
+        )  # the last frame's result: the broker always computes the newest
+        robot = subprocess.run(
+            [
+                sys.executable,
+                str(examples / "robot_controller_req.py"),
+                "--server",
+                server.endpoint,
+                "--image",
+                str(frames / "1.jpg"),
+                "--iterations",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert robot.returncode == 0 and robot.stdout.count("points, nearest ahead") == 1, robot.stdout + robot.stderr
     finally:
         server.stop()

@@ -27,12 +27,16 @@ ZDEPTH = VENV / "bin" / "zdepth"
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("make") is None, reason="needs make (.ci/run installs it)"),
-    pytest.mark.skipif(Path(sys.prefix).resolve() != VENV.resolve(), reason="runs in the checkout's .venv, which `make test` sets up"),
+    pytest.mark.skipif(
+        Path(sys.prefix).resolve() != VENV.resolve(), reason="runs in the checkout's .venv, which `make test` sets up"
+    ),
 ]
 
 
 def make(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 @pytest.fixture()
@@ -54,7 +58,9 @@ def test_make_serve_then_zdepth_depth(tmp_path, image):
     )
 
     log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(["make", "serve", f"ARGS={args}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        ["make", "serve", f"ARGS={args}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 90
         while not (health(f"tcp://127.0.0.1:{port}", timeout_s=1.0) or {}).get("workers"):
@@ -63,12 +69,24 @@ def test_make_serve_then_zdepth_depth(tmp_path, image):
             time.sleep(0.2)
 
         out = tmp_path / "out"
-        query = [str(ZDEPTH), "depth", str(image), "--server", f"tcp://127.0.0.1:{port}", "--input-size", str(TEST_INPUT_SIZE)]
+        query = [
+            str(ZDEPTH),
+            "depth",
+            str(image),
+            "--server",
+            f"tcp://127.0.0.1:{port}",
+            "--input-size",
+            str(TEST_INPUT_SIZE),
+        ]
         run = subprocess.run([*query, "--out", str(out)], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         assert run.stdout.startswith(f"{image}: 64x48 depth ") and " m, ms: decode" in run.stdout
         depth = np.load(out / "frame_depth.npy")
-        assert depth.shape == (48, 64) and depth.dtype == np.float32 and sorted(p.name for p in out.iterdir()) == ["frame_depth.npy", "frame_depth.png"]
+        assert (
+            depth.shape == (48, 64)
+            and depth.dtype == np.float32
+            and sorted(p.name for p in out.iterdir()) == ["frame_depth.npy", "frame_depth.png"]
+        )
 
         # The same numbers as `zdepth predict --random-weights` (the same seeded model, computed here).
         from zdepth.engine import Engine
@@ -77,7 +95,9 @@ def test_make_serve_then_zdepth_depth(tmp_path, image):
         local = Engine(device="cpu", random_weights=True).metric_depth(read_image(image), input_size=TEST_INPUT_SIZE)
         np.testing.assert_allclose(depth, local, rtol=1e-4, atol=1e-5)
 
-        run = subprocess.run([*query, "--fx", "50", "--with-color", "--out", str(out)], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [*query, "--fx", "50", "--with-color", "--out", str(out)], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 0, run.stderr
         points, colors = read_ply(out / "frame.ply")
         assert points.shape == (48 * 64, 3) and colors.shape == points.shape
@@ -103,7 +123,21 @@ def test_make_serve_without_weights_says_what_to_do(tmp_path):
 
 def test_zdepth_depth_without_a_server_exits_2(tmp_path, image):
     port = free_port_block(1)
-    run = subprocess.run([str(ZDEPTH), "depth", str(image), "--server", f"tcp://127.0.0.1:{port}", "--timeout", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            str(ZDEPTH),
+            "depth",
+            str(image),
+            "--server",
+            f"tcp://127.0.0.1:{port}",
+            "--timeout",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "zdepth: error:" in run.stderr and "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == [image]

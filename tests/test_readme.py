@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 KEY = "zd-readme-test-key"
 BLOCK_TIMEOUT_S = 180
-FENCE = re.compile(r"(?:<!--\s*(?P<marker>not-run|background):\s*(?P<why>.*?)\s*-->\s*\n)?```(?P<lang>python|bash|sh)\n(?P<code>.*?)```", re.S)
+FENCE = re.compile(
+    r"(?:<!--\s*(?P<marker>not-run|background):\s*(?P<why>.*?)\s*-->\s*\n)?```(?P<lang>python|bash|sh)\n(?P<code>.*?)```",
+    re.S,
+)
 
 
 @dataclass
@@ -53,7 +56,10 @@ class Block:
 
 def readme_blocks(text: str) -> list[Block]:
     """Every ```python / ```bash block of `text`, with the marker comment right before it."""
-    return [Block(text.count("\n", 0, m.start("lang")) + 1, m["lang"], m["code"], m["marker"], m["why"] or "") for m in FENCE.finditer(text)]
+    return [
+        Block(text.count("\n", 0, m.start("lang")) + 1, m["lang"], m["code"], m["marker"], m["why"] or "")
+        for m in FENCE.finditer(text)
+    ]
 
 
 BLOCKS = readme_blocks(README.read_text())
@@ -80,9 +86,13 @@ def substitute(code: str, server: Server) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_dir):
-    srv = Server(tmp_path_factory.mktemp("readme-serve"), checkpoint_dir, workers=1, extra=["--api-key", KEY, "--require-auth"])
+    srv = Server(
+        tmp_path_factory.mktemp("readme-serve"), checkpoint_dir, workers=1, extra=["--api-key", KEY, "--require-auth"]
+    )
     deadline = time.monotonic() + 60
-    while (health(srv.endpoint) or {}).get("status") != "healthy":  # the README's `zdepth health` expects a ready server
+    while (health(srv.endpoint) or {}).get(
+        "status"
+    ) != "healthy":  # the README's `zdepth health` expects a ready server
         assert time.monotonic() < deadline, srv.process.log()
         time.sleep(0.2)
     yield srv
@@ -136,8 +146,19 @@ def test_readme_block_runs(block, server, workdir, background):
         pytest.skip(f"{block.id} not-run: {block.why}")
     code = substitute(block.code, server)
     if block.marker == "background":
-        process = subprocess.Popen(command(block, code), cwd=workdir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command(block, code),
+            cwd=workdir,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         background.append((block, process))
         return
-    run = subprocess.run(command(block, code), cwd=workdir, env=environment(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
-    assert run.returncode == 0, f"{block.id} failed (placeholders: {PLACEHOLDERS}):\n{code}\n--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}"
+    run = subprocess.run(
+        command(block, code), cwd=workdir, env=environment(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+    )
+    assert run.returncode == 0, (
+        f"{block.id} failed (placeholders: {PLACEHOLDERS}):\n{code}\n--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}"
+    )

@@ -38,7 +38,9 @@ def server(tmp_path_factory, checkpoint_dir):
 
 
 def record(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zdepth", "record", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "zdepth", "record", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_bag(path: Path) -> dict:
@@ -46,7 +48,9 @@ def read_bag(path: Path) -> dict:
     topics: dict = {}
     with AnyReader([path]) as reader:
         for connection, timestamp, raw in reader.messages(connections=reader.connections):
-            topics.setdefault(connection.topic, []).append((connection.msgtype, timestamp, reader.deserialize(raw, connection.msgtype)))
+            topics.setdefault(connection.topic, []).append(
+                (connection.msgtype, timestamp, reader.deserialize(raw, connection.msgtype))
+            )
     return topics
 
 
@@ -54,8 +58,20 @@ def test_mcap_from_a_real_stream(server, tmp_path):
     (tmp_path / "cam.yaml").write_text(CAMERA_YAML)
     camera = Camera(server.stream, "front/left")
     try:
-        done = record("--stream", "front/left", "--mcap", str(tmp_path / "run.mcap"), "--frames", "4", "--pub", server.pub,
-                      "--camera-info", str(tmp_path / "cam.yaml"), "--depth-encoding", "both")
+        done = record(
+            "--stream",
+            "front/left",
+            "--mcap",
+            str(tmp_path / "run.mcap"),
+            "--frames",
+            "4",
+            "--pub",
+            server.pub,
+            "--camera-info",
+            str(tmp_path / "cam.yaml"),
+            "--depth-encoding",
+            "both",
+        )
     finally:
         camera.stop()
     assert done.returncode == 0, done.stderr
@@ -75,11 +91,19 @@ def test_mcap_from_a_real_stream(server, tmp_path):
 
     # the calibration is at twice the frame size: K scaled by 1/2 with the pixel-centre rule
     fx, fy, cx, cy = 110.0 / 2, 112.0 / 2, (63.0 + 0.5) / 2 - 0.5, (47.6 + 0.5) / 2 - 0.5
-    for (_, _, image), (_, _, raw), (_, _, info), (_, _, cloud) in zip(*(topics[f"{prefix}/{n}"] for n in ("image", "image_raw", "camera_info", "points"))):
+    for (_, _, image), (_, _, raw), (_, _, info), (_, _, cloud) in zip(
+        *(topics[f"{prefix}/{n}"] for n in ("image", "image_raw", "camera_info", "points"))
+    ):
         for message in (image, raw, info, cloud):
             assert message.header.frame_id == "front/left_optical_frame"
             assert message.header.stamp == image.header.stamp
-        assert (image.encoding, image.height, image.width, image.step, image.is_bigendian) == ("32FC1", HEIGHT, WIDTH, 4 * WIDTH, 0)
+        assert (image.encoding, image.height, image.width, image.step, image.is_bigendian) == (
+            "32FC1",
+            HEIGHT,
+            WIDTH,
+            4 * WIDTH,
+            0,
+        )
         z = np.frombuffer(image.data.tobytes(), dtype="<f4").reshape(HEIGHT, WIDTH)
         assert np.isfinite(z).all() and (z > 0).all()  # random weights still give depth in (0, max_depth)
         assert (raw.encoding, raw.step) == ("16UC1", 2 * WIDTH)
@@ -92,7 +116,11 @@ def test_mcap_from_a_real_stream(server, tmp_path):
         assert not np.any(info.d)
 
         assert (cloud.height, cloud.width, cloud.is_dense, cloud.is_bigendian) == (HEIGHT, WIDTH, False, False)
-        assert [(f.name, f.offset, f.datatype, f.count) for f in cloud.fields] == [("x", 0, 7, 1), ("y", 4, 7, 1), ("z", 8, 7, 1)]
+        assert [(f.name, f.offset, f.datatype, f.count) for f in cloud.fields] == [
+            ("x", 0, 7, 1),
+            ("y", 4, 7, 1),
+            ("z", 8, 7, 1),
+        ]
         assert (cloud.point_step, cloud.row_step, len(cloud.data)) == (12, 12 * WIDTH, 12 * WIDTH * HEIGHT)
         xyz = np.frombuffer(cloud.data.tobytes(), dtype="<f4").reshape(HEIGHT, WIDTH, 3)
         for v, u in ((0, 0), (7, 50), (HEIGHT - 1, WIDTH - 1), (30, 3)):
@@ -105,8 +133,30 @@ def test_record_stops_cleanly_on_ctrl_c(server, tmp_path):
     camera = Camera(server.stream, "ctrlc")
     path = tmp_path / "ctrlc.mcap"
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "zdepth", "record", "--stream", "ctrlc", "--mcap", str(path), "--pub", server.pub,
-                                 "--fx", "50", "--fy", "50", "--cx", "31.5", "--cy", "23.5"], stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zdepth",
+                "record",
+                "--stream",
+                "ctrlc",
+                "--mcap",
+                str(path),
+                "--pub",
+                server.pub,
+                "--fx",
+                "50",
+                "--fy",
+                "50",
+                "--cx",
+                "31.5",
+                "--cy",
+                "23.5",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = 30.0
             while deadline > 0 and (not path.exists() or path.stat().st_size < 50_000):  # a few frames written
@@ -129,15 +179,23 @@ def test_record_stops_cleanly_on_ctrl_c(server, tmp_path):
 def test_bad_camera_options_are_one_line_errors(tmp_path):
     done = record("--stream", "x", "--mcap", str(tmp_path / "x.mcap"), "--fx", "50", timeout=30)
     assert done.returncode == 2 and "go together" in done.stderr and "Traceback" not in done.stderr
-    done = record("--stream", "x", "--mcap", str(tmp_path / "x.mcap"), "--camera-info", str(tmp_path / "missing.yaml"), timeout=30)
+    done = record(
+        "--stream", "x", "--mcap", str(tmp_path / "x.mcap"), "--camera-info", str(tmp_path / "missing.yaml"), timeout=30
+    )
     assert done.returncode == 2 and "cannot read" in done.stderr
 
 
 def test_a_missing_extra_is_named(tmp_path):
     """Without rosbags (hidden from the child's importlib.util.find_spec), the command names
     the extra instead of failing with a traceback."""
-    stub = ("import sys, importlib.util as u; find = u.find_spec; u.find_spec = lambda n, *a: None if n == 'rosbags' else find(n, *a); "
-            "from zdepth.cli import main; sys.exit(main(sys.argv[1:]))")
-    done = subprocess.run([sys.executable, "-c", stub, "record", "--stream", "x", "--mcap", str(tmp_path / "x.mcap")],
-                          capture_output=True, text=True, timeout=30)
+    stub = (
+        "import sys, importlib.util as u; find = u.find_spec; u.find_spec = lambda n, *a: None if n == 'rosbags' else find(n, *a); "
+        "from zdepth.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", stub, "record", "--stream", "x", "--mcap", str(tmp_path / "x.mcap")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and "pip install 'zdepth[ros]'" in done.stderr, done.stderr

@@ -33,16 +33,22 @@ def test_invalid_pixels_in_both_encodings():
 
 
 def test_organised_cloud_with_colours():
-    colors = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[1, 2, 3], [10, 20, 30], [200, 100, 50]]], dtype=np.uint8)
+    colors = np.array(
+        [[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[1, 2, 3], [10, 20, 30], [200, 100, 50]]], dtype=np.uint8
+    )
     cloud = roundtrip(ros.pointcloud2(DEPTH, K, 1.0, "cam", colors))
     assert [(f.name, f.offset) for f in cloud.fields] == [("x", 0), ("y", 4), ("z", 8), ("rgb", 12)]
     assert (cloud.point_step, cloud.row_step, cloud.is_dense) == (16, 48, False)
-    points = np.frombuffer(cloud.data.tobytes(), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4")]).reshape(2, 3)
+    points = np.frombuffer(
+        cloud.data.tobytes(), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4")]
+    ).reshape(2, 3)
     assert np.isnan(points["x"][0, 1]) and np.isnan(points["z"][1, 0]) and np.isnan(points["y"][0, 2])
-    assert points["x"][1, 2] == pytest.approx((2 - 1.0) / 2.0 * 70.0) and points["y"][1, 2] == pytest.approx((1 - 0.5) / 4.0 * 70.0)
+    assert points["x"][1, 2] == pytest.approx((2 - 1.0) / 2.0 * 70.0) and points["y"][1, 2] == pytest.approx(
+        (1 - 0.5) / 4.0 * 70.0
+    )
     # PCL packing: bytes B, G, R, 0 in little-endian order
     assert points["rgb"][1, 2] == (200 << 16) | (100 << 8) | 50
-    assert cloud.data.tobytes()[16 * 5 + 12: 16 * 5 + 16] == bytes([50, 100, 200, 0])
+    assert cloud.data.tobytes()[16 * 5 + 12 : 16 * 5 + 16] == bytes([50, 100, 200, 0])
 
 
 def test_camera_info_message():

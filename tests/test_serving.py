@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from clients import DepthClient, ServerError
-from zdepth import protocol as P
 from tests.servers import TEST_INPUT_SIZE, Process, Server, free_port_block, health, raw_request
+from zdepth import protocol as P
 
 KEY = "zd-test-key-123"
 INTRINSICS = {"fx": 50.0, "fy": 60.0, "cx": 31.5, "cy": 23.5}
@@ -42,7 +42,9 @@ def raw_image_desc(img: np.ndarray) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_dir):
-    srv = Server(tmp_path_factory.mktemp("serve"), checkpoint_dir, workers=2, extra=["--api-key", KEY, "--require-auth"])
+    srv = Server(
+        tmp_path_factory.mktemp("serve"), checkpoint_dir, workers=2, extra=["--api-key", KEY, "--require-auth"]
+    )
     yield srv
     srv.stop()
 
@@ -70,7 +72,9 @@ def test_every_method_and_geometry(server, transport):
     depth = metric.depth
     assert depth.shape == (48, 64) and depth.dtype == np.float32
     assert float(depth.std()) > 1e-3, "random weights must give a non-constant depth"
-    assert math.isclose(metric.min, float(depth.min()), rel_tol=1e-5) and math.isclose(metric.max, float(depth.max()), rel_tol=1e-5)
+    assert math.isclose(metric.min, float(depth.min()), rel_tol=1e-5) and math.isclose(
+        metric.max, float(depth.max()), rel_tol=1e-5
+    )
     np.testing.assert_allclose(rel.depth, depth / 20.0, rtol=1e-4, atol=1e-6)
     points = cloud.points
     assert points.shape == (48 * 64, 3)
@@ -121,7 +125,9 @@ def test_two_workers_share_load(server):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.endpoint)
     for i in range(8):
-        sock.send_multipart([b"", P.packb(predict_header(P.METRIC_DEPTH, id=i, key=KEY, image=raw_image_desc(img))), img.tobytes()])
+        sock.send_multipart(
+            [b"", P.packb(predict_header(P.METRIC_DEPTH, id=i, key=KEY, image=raw_image_desc(img))), img.tobytes()]
+        )
     ids = set()
     for _ in range(8):
         assert sock.poll(60_000)
@@ -150,7 +156,9 @@ def test_auth(server):
     assert health(server.endpoint)["ok"], "health needs no key"
     served_after = sum(w["served"] for w in server.health()["workers"])
     assert served_after == served_before, "an unauthorised request reached a worker"
-    head, _ = raw_request(server.endpoint, predict_header(P.METRIC_DEPTH, key=KEY, image=raw_image_desc(img)), [img.tobytes()])
+    head, _ = raw_request(
+        server.endpoint, predict_header(P.METRIC_DEPTH, key=KEY, image=raw_image_desc(img)), [img.tobytes()]
+    )
     assert head["ok"]
     stats, _ = raw_request(server.endpoint, P.request_header(P.STATS, id=1, key=KEY))
     assert stats["ok"] and stats["counters"]["unauthorized"] >= 3
@@ -171,14 +179,61 @@ def _bad_cases():
     yield "unsupported version", [P.packb({"v": 99, "method": "health"})], P.UNSUPPORTED_VERSION
     yield "missing image", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY))], P.BAD_REQUEST
     yield "image frame absent", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW))], P.BAD_REQUEST
-    yield "corrupt jpeg", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image={"frame": 1, "format": "jpeg"})), b"\xff\xd8\xff\xe0not a jpeg at all"], P.BAD_REQUEST
-    yield "raw shape disagrees", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image={"frame": 1, "format": "raw", "shape": [9, 8, 3]})), IMG.tobytes()], P.BAD_REQUEST
-    yield "wrong type max_depth", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW, max_depth="far")), IMG.tobytes()], P.BAD_REQUEST
-    yield "nan intrinsics", [P.packb(predict_header(P.POINTCLOUD, key=KEY, image=GOOD_RAW, intrinsics=dict(INTRINSICS, fx=nan))), IMG.tobytes()], P.BAD_REQUEST
-    yield "negative intrinsics", [P.packb(predict_header(P.POINTCLOUD, key=KEY, image=GOOD_RAW, intrinsics=dict(INTRINSICS, fy=-3.0))), IMG.tobytes()], P.BAD_REQUEST
-    yield "absurd input size", [P.packb(dict(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW), input_size=140000)), IMG.tobytes()], P.BAD_REQUEST
-    yield "unknown encoder", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW, encoder="vitx")), IMG.tobytes()], P.BAD_REQUEST
-    yield "too large message", [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image={"frame": 1, "format": "jpeg"})), b"\xff" * (3 * 1024 * 1024)], P.TOO_LARGE
+    yield (
+        "corrupt jpeg",
+        [
+            P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image={"frame": 1, "format": "jpeg"})),
+            b"\xff\xd8\xff\xe0not a jpeg at all",
+        ],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "raw shape disagrees",
+        [
+            P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image={"frame": 1, "format": "raw", "shape": [9, 8, 3]})),
+            IMG.tobytes(),
+        ],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "wrong type max_depth",
+        [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW, max_depth="far")), IMG.tobytes()],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "nan intrinsics",
+        [
+            P.packb(predict_header(P.POINTCLOUD, key=KEY, image=GOOD_RAW, intrinsics=dict(INTRINSICS, fx=nan))),
+            IMG.tobytes(),
+        ],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "negative intrinsics",
+        [
+            P.packb(predict_header(P.POINTCLOUD, key=KEY, image=GOOD_RAW, intrinsics=dict(INTRINSICS, fy=-3.0))),
+            IMG.tobytes(),
+        ],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "absurd input size",
+        [P.packb(dict(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW), input_size=140000)), IMG.tobytes()],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "unknown encoder",
+        [P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image=GOOD_RAW, encoder="vitx")), IMG.tobytes()],
+        P.BAD_REQUEST,
+    )
+    yield (
+        "too large message",
+        [
+            P.packb(predict_header(P.METRIC_DEPTH, key=KEY, image={"frame": 1, "format": "jpeg"})),
+            b"\xff" * (3 * 1024 * 1024),
+        ],
+        P.TOO_LARGE,
+    )
 
 
 @pytest.mark.parametrize("name,frames,code", list(_bad_cases()), ids=[c[0] for c in _bad_cases()])
@@ -200,7 +255,12 @@ def test_bad_input_gets_error_and_server_keeps_serving(tmp_path_factory, bad_ser
 @pytest.fixture(scope="module")
 def bad_server(tmp_path_factory, checkpoint_dir):
     """One worker, auth on, a 2 MB request limit so 'too large' is cheap to provoke."""
-    srv = Server(tmp_path_factory.mktemp("bad"), checkpoint_dir, workers=1, extra=["--api-key", KEY, "--require-auth", "--max-request-mb", "2"])
+    srv = Server(
+        tmp_path_factory.mktemp("bad"),
+        checkpoint_dir,
+        workers=1,
+        extra=["--api-key", KEY, "--require-auth", "--max-request-mb", "2"],
+    )
     yield srv
     srv.stop()
 
@@ -226,7 +286,12 @@ def test_deadline_expiry(bad_server):
     img = image()
     head, _ = raw_request(bad_server.endpoint, _slow_header(1, img, timeout_ms=30), [img.tobytes()])
     assert head["error"]["code"] == P.TIMEOUT
-    head, _ = raw_request(bad_server.endpoint, predict_header(P.METRIC_DEPTH, key=KEY, image=raw_image_desc(img)), [img.tobytes()], timeout_s=60)
+    head, _ = raw_request(
+        bad_server.endpoint,
+        predict_header(P.METRIC_DEPTH, key=KEY, image=raw_image_desc(img)),
+        [img.tobytes()],
+        timeout_s=60,
+    )
     assert head["ok"], "server keeps serving after a timeout"
 
 
@@ -276,7 +341,9 @@ def test_worker_killed_mid_request(tmp_path_factory, checkpoint_dir):
         sock.close()
         assert head["ok"] or head["error"]["code"] == P.WORKER_LOST, head
         # the broker keeps serving with the other worker, and the killed one is restarted
-        head, _ = raw_request(srv.endpoint, predict_header(P.METRIC_DEPTH, image=raw_image_desc(img)), [img.tobytes()], timeout_s=60)
+        head, _ = raw_request(
+            srv.endpoint, predict_header(P.METRIC_DEPTH, image=raw_image_desc(img)), [img.tobytes()], timeout_s=60
+        )
         assert head["ok"]
         srv.wait_ready(2, timeout_s=60)
         assert victim["pid"] not in {w["pid"] for w in srv.health()["workers"]}
@@ -289,8 +356,22 @@ def test_broker_restart(tmp_path, checkpoint_dir):
     endpoint = f"tcp://127.0.0.1:{port}"
     broker_args = ["broker", "--port", str(port), "--log-level", "WARNING"]
     broker = Process(broker_args, tmp_path / "broker1.log")
-    worker = Process(["worker", "--connect", f"tcp://127.0.0.1:{port + P.BACKEND_PORT_OFFSET}", "--device", "cpu", "--threads", "1",
-                      "--checkpoint-dir", str(checkpoint_dir), "--log-level", "WARNING"], tmp_path / "worker.log")
+    worker = Process(
+        [
+            "worker",
+            "--connect",
+            f"tcp://127.0.0.1:{port + P.BACKEND_PORT_OFFSET}",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--checkpoint-dir",
+            str(checkpoint_dir),
+            "--log-level",
+            "WARNING",
+        ],
+        tmp_path / "worker.log",
+    )
     try:
         _wait_workers(endpoint, 1, worker)
         img = image()
@@ -321,13 +402,20 @@ def test_error_reply_raises_server_error(client):
     with pytest.raises(ServerError) as info:  # no vkitti checkpoint in the test folder
         client.metric_depth(image(), dataset="vkitti")
     assert info.value.code == P.MODEL_UNAVAILABLE
-    assert "depth_anything_v2_metric_vkitti_vits.pth" in info.value.message and "zdepth weights get" in info.value.message
+    assert (
+        "depth_anything_v2_metric_vkitti_vits.pth" in info.value.message and "zdepth weights get" in info.value.message
+    )
 
 
 def test_dynamic_batching_shares_one_forward_pass(tmp_path_factory, checkpoint_dir):
     """A worker announcing capacity 4 gets concurrent requests at once and runs same-size
     images in one forward pass: their replies carry the same inference time."""
-    srv = Server(tmp_path_factory.mktemp("batch"), checkpoint_dir, workers=1, extra=["--max-batch", "4", "--batch-wait-ms", "200"])
+    srv = Server(
+        tmp_path_factory.mktemp("batch"),
+        checkpoint_dir,
+        workers=1,
+        extra=["--max-batch", "4", "--batch-wait-ms", "200"],
+    )
     try:
         assert srv.health()["workers"][0]["capacity"] == 4
         img = image()
@@ -335,7 +423,9 @@ def test_dynamic_batching_shares_one_forward_pass(tmp_path_factory, checkpoint_d
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(srv.endpoint)
         for i in range(4):
-            sock.send_multipart([b"", P.packb(predict_header(P.METRIC_DEPTH, id=i, image=raw_image_desc(img))), img.tobytes()])
+            sock.send_multipart(
+                [b"", P.packb(predict_header(P.METRIC_DEPTH, id=i, image=raw_image_desc(img))), img.tobytes()]
+            )
         timings = []
         for _ in range(4):
             assert sock.poll(60_000)

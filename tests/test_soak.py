@@ -7,8 +7,16 @@ from bench.soak import SoakConfig, run_soak
 
 
 def test_soak_with_a_worker_kill_and_a_broker_restart(checkpoint_dir):
-    config = SoakConfig(seconds=20, clients=4, cameras=1, camera_fps=5, workers=2, kill_every_s=6, broker_every_s=12,
-                        checkpoint_dir=str(checkpoint_dir))
+    config = SoakConfig(
+        seconds=20,
+        clients=4,
+        cameras=1,
+        camera_fps=5,
+        workers=2,
+        kill_every_s=6,
+        broker_every_s=12,
+        checkpoint_dir=str(checkpoint_dir),
+    )
     report = run_soak(config)
     print(report.summary())
     assert report.worker_kills >= 1 and report.broker_restarts == 1

@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from clients import CameraPublisher, DepthClient, DepthSubscriber
-from zdepth import protocol as P
 from tests.servers import TEST_INPUT_SIZE, Server
+from zdepth import protocol as P
 
 KEY = "zd-stream-key"
 SLOW_SIZE = 140  # a few frames per second on one CPU thread: slower than a 30 fps camera
@@ -25,8 +25,12 @@ def frame(seed: int = 0, h: int = 48, w: int = 64) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_dir):
     fields = json.dumps({"method": P.METRIC_DEPTH, "input_size": TEST_INPUT_SIZE})
-    srv = Server(tmp_path_factory.mktemp("stream"), checkpoint_dir, workers=1,
-                 extra=["--api-key", KEY, "--require-auth", "--imagezmq", "--imagezmq-fields", fields])
+    srv = Server(
+        tmp_path_factory.mktemp("stream"),
+        checkpoint_dir,
+        workers=1,
+        extra=["--api-key", KEY, "--require-auth", "--imagezmq", "--imagezmq-fields", fields],
+    )
     yield srv
     srv.stop()
 
@@ -104,7 +108,10 @@ def test_fast_camera_latency_stays_bounded(server):
 
 def test_three_streams_share_one_worker(server):
     collector = Collector(server.pub)
-    cameras = {name: CameraPublisher(server.stream, stream=name, key=KEY, input_size=TEST_INPUT_SIZE) for name in ("a", "b", "c")}
+    cameras = {
+        name: CameraPublisher(server.stream, stream=name, key=KEY, input_size=TEST_INPUT_SIZE)
+        for name in ("a", "b", "c")
+    }
     rates = {"a": 30.0, "b": 10.0, "c": 3.0}
     start = time.monotonic()
     sent = dict.fromkeys(rates, 0)
@@ -219,8 +226,15 @@ def test_bad_key_and_bad_frames_are_counted_and_harmless(server):
     try:
         bad_key.send(frame(1))
         push.send_multipart([b"\x00garbage"])
-        header = P.request_header(P.METRIC_DEPTH, key=KEY, stream="good", seq=1, t_capture=time.time(), input_size=TEST_INPUT_SIZE,
-                                  image={"frame": 1, "format": "raw", "shape": [48, 64, 3]})
+        header = P.request_header(
+            P.METRIC_DEPTH,
+            key=KEY,
+            stream="good",
+            seq=1,
+            t_capture=time.time(),
+            input_size=TEST_INPUT_SIZE,
+            image={"frame": 1, "format": "raw", "shape": [48, 64, 3]},
+        )
         push.send_multipart([P.packb(header), b"short"])  # raw shape disagrees with bytes
         collector = Collector(server.pub, streams=["good"])
         for i in range(3):

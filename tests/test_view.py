@@ -16,8 +16,8 @@ pytest.importorskip("rerun")
 from rerun.chunk import RrdReader  # noqa: E402
 
 from tests.cameras import HEIGHT, WIDTH, Camera, camera_frames  # noqa: E402
-from zdepth import protocol as P  # noqa: E402
 from tests.servers import TEST_INPUT_SIZE, Server  # noqa: E402
+from zdepth import protocol as P  # noqa: E402
 
 FRAMES = 8
 
@@ -38,30 +38,65 @@ def server(tmp_path_factory, checkpoint_dir):
 
 
 def view(server: Server, out, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zdepth", "view", "--save", str(out), "--pub", server.pub, *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "zdepth", "view", "--save", str(out), "--pub", server.pub, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_view_saves_two_streams(server, tmp_path):
     cameras = [Camera(server.stream, "left", fps=8), Camera(server.stream, "right", fps=8)]
     try:
-        done = view(server, tmp_path / "run.rrd", "--stream", "left", "--stream", "right", "--frames", str(FRAMES),
-                    "--fx", "60", "--fy", "60", "--cx", "31.5", "--cy", "23.5")
+        done = view(
+            server,
+            tmp_path / "run.rrd",
+            "--stream",
+            "left",
+            "--stream",
+            "right",
+            "--frames",
+            str(FRAMES),
+            "--fx",
+            "60",
+            "--fy",
+            "60",
+            "--cx",
+            "31.5",
+            "--cy",
+            "23.5",
+        )
     finally:
         for camera in cameras:
             camera.stop()
     assert done.returncode == 0, done.stderr
     rows = rows_by_entity(tmp_path / "run.rrd")
-    per_stream = {name: {e: n for e, n in rows.items() if e.startswith((f"/world/{name}", f"/metrics/{name}/"))} for name in ("left", "right")}
+    per_stream = {
+        name: {e: n for e, n in rows.items() if e.startswith((f"/world/{name}", f"/metrics/{name}/"))}
+        for name in ("left", "right")
+    }
     for name, entities in per_stream.items():
-        assert set(entities) == {f"/world/{name}", f"/world/{name}/cam", f"/world/{name}/cam/depth", f"/world/{name}/points",
-                                 f"/metrics/{name}/latency_ms", f"/metrics/{name}/age_ms", f"/metrics/{name}/dropped"}, name
+        assert set(entities) == {
+            f"/world/{name}",
+            f"/world/{name}/cam",
+            f"/world/{name}/cam/depth",
+            f"/world/{name}/points",
+            f"/metrics/{name}/latency_ms",
+            f"/metrics/{name}/age_ms",
+            f"/metrics/{name}/dropped",
+        }, name
     # every result is logged once: its depth, camera, points and metrics
     assert sum(rows[f"/world/{name}/cam/depth"] for name in per_stream) == FRAMES
     for name in per_stream:
         depth_rows = rows[f"/world/{name}/cam/depth"]
         assert depth_rows >= 1
-        assert rows[f"/world/{name}/points"] == rows[f"/world/{name}/cam"] == rows[f"/metrics/{name}/latency_ms"] == depth_rows
+        assert (
+            rows[f"/world/{name}/points"]
+            == rows[f"/world/{name}/cam"]
+            == rows[f"/metrics/{name}/latency_ms"]
+            == depth_rows
+        )
     schema = str(RrdReader(str(tmp_path / "run.rrd")).store().schema())
     assert "/world/left/cam/depth:DepthImage:meter" in schema
 
@@ -95,11 +130,34 @@ def test_predict_rrd(tmp_path):
         cv2.imwrite(str(path), rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8))
         images.append(str(path))
     done = subprocess.run(
-        [sys.executable, "-m", "zdepth", "predict", *images, "--random-weights", "--device", "cpu", "--input-size", str(TEST_INPUT_SIZE),
-         "--fx", "60", "--out", str(tmp_path / "out"), "--rrd", str(tmp_path / "p.rrd")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "zdepth",
+            "predict",
+            *images,
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--input-size",
+            str(TEST_INPUT_SIZE),
+            "--fx",
+            "60",
+            "--out",
+            str(tmp_path / "out"),
+            "--rrd",
+            str(tmp_path / "p.rrd"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     rows = rows_by_entity(tmp_path / "p.rrd")
-    for entity in ("/world/predict/cam/depth", "/world/predict/cam/image", "/world/predict/cam", "/world/predict/points"):
+    for entity in (
+        "/world/predict/cam/depth",
+        "/world/predict/cam/image",
+        "/world/predict/cam",
+        "/world/predict/points",
+    ):
         assert rows[entity] == 2, (entity, rows)

@@ -127,7 +127,9 @@ def test_a_complete_part_of_unknown_size_gets_416_and_starts_over(server, dest):
 
 def test_a_dropped_connection_leaves_only_the_part_and_the_next_run_resumes(server, dest):
     server.cut_after = HALF
-    with pytest.raises(DownloadError, match=f"connection closed after {HALF} of {len(CONTENT)} bytes; run again to resume"):
+    with pytest.raises(
+        DownloadError, match=f"connection closed after {HALF} of {len(CONTENT)} bytes; run again to resume"
+    ):
         download(ENCODER, DATASET, dest, sha256=SHA, progress=False)
     assert not (dest / NAME).exists()
     assert (dest / (NAME + ".part")).read_bytes() == CONTENT[:HALF]

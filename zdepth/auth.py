@@ -54,7 +54,7 @@ def parse_key_file(text: str, source: str = "key file") -> dict[bytes, str]:
             raise ValueError(f"{source} line {number}: expected 'NAME KEY' or 'NAME sha256:HEX'")
         if secret.startswith(HASH_PREFIX):
             try:
-                value = bytes.fromhex(secret[len(HASH_PREFIX):])
+                value = bytes.fromhex(secret[len(HASH_PREFIX) :])
             except ValueError:
                 raise ValueError(f"{source} line {number}: the sha256 value is not hex") from None
             if len(value) != 32:

@@ -72,13 +72,17 @@ def _numbers(value: Any, what: str, max_len: int) -> list[float]:
     if hasattr(value, "tolist"):  # a numpy array from a local caller or a rosbags message
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or len(value) > max_len or not all(_number(x) for x in value):
-        raise bad_request(f"`camera_info.{what}` must be a list of at most {max_len} finite numbers, got {short_repr(value)}")
+        raise bad_request(
+            f"`camera_info.{what}` must be a list of at most {max_len} finite numbers, got {short_repr(value)}"
+        )
     return [float(x) for x in value]
 
 
 def _size(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
-        raise bad_request(f"`camera_info.{what}` must be an integer from 1 to {1 << 20} (pixels), got {short_repr(value)}")
+        raise bad_request(
+            f"`camera_info.{what}` must be an integer from 1 to {1 << 20} (pixels), got {short_repr(value)}"
+        )
     return value
 
 
@@ -115,12 +119,16 @@ def check_camera_info(value: Any) -> CameraInfo:
         )
     for name in ("binning_x", "binning_y"):
         if value.get(name) not in (None, 0, 1):
-            raise bad_request(f"`camera_info.{name}` must be 0 or 1 (scale the image instead), got {short_repr(value.get(name))}")
+            raise bad_request(
+                f"`camera_info.{name}` must be 0 or 1 (scale the image instead), got {short_repr(value.get(name))}"
+            )
     roi = value.get("roi")
     if roi is not None:
         fields = roi if isinstance(roi, Mapping) else getattr(roi, "__dict__", {})
         if any(fields.get(name) for name in ("x_offset", "y_offset", "height", "width")):
-            raise bad_request("`camera_info.roi` must be the full frame (all zero); crop-aware intrinsics are not supported")
+            raise bad_request(
+                "`camera_info.roi` must be the full frame (all zero); crop-aware intrinsics are not supported"
+            )
     return CameraInfo(fx, fy, cx, cy, width, height, model)
 
 
@@ -130,7 +138,10 @@ def scaled_intrinsics(camera_info: CameraInfo, height: int, width: int) -> Intri
     is not the calibration resolution scaled uniformly (aspect ratios differ by more than
     ASPECT_TOLERANCE_PX pixels)."""
     sx, sy = width / camera_info.width, height / camera_info.height
-    if abs(camera_info.width * sy - width) > ASPECT_TOLERANCE_PX and abs(camera_info.height * sx - height) > ASPECT_TOLERANCE_PX:
+    if (
+        abs(camera_info.width * sy - width) > ASPECT_TOLERANCE_PX
+        and abs(camera_info.height * sx - height) > ASPECT_TOLERANCE_PX
+    ):
         raise bad_request(
             f"the image is {width}x{height} but `camera_info` is {camera_info.width}x{camera_info.height}: "
             "not one uniform scale (the aspect ratios differ); send intrinsics for this image instead"
@@ -164,13 +175,15 @@ def load_camera_info_yaml(text: str) -> CameraInfo:
     if not isinstance(doc, Mapping) or not isinstance(doc.get("camera_matrix"), Mapping):
         raise bad_request("a camera_info YAML needs image_width, image_height and camera_matrix {rows, cols, data}")
     distortion = doc.get("distortion_coefficients")
-    return check_camera_info({
-        "k": doc["camera_matrix"].get("data"),
-        "width": doc.get("image_width"),
-        "height": doc.get("image_height"),
-        "d": distortion.get("data") if isinstance(distortion, Mapping) else None,
-        "distortion_model": doc.get("distortion_model"),
-    })
+    return check_camera_info(
+        {
+            "k": doc["camera_matrix"].get("data"),
+            "width": doc.get("image_width"),
+            "height": doc.get("image_height"),
+            "d": distortion.get("data") if isinstance(distortion, Mapping) else None,
+            "distortion_model": doc.get("distortion_model"),
+        }
+    )
 
 
 def camera_info_field(camera_info: Optional[Any]) -> Optional[dict]:

@@ -83,16 +83,32 @@ APPROX_SIZE_BYTES = {"vits": 99_200_000, "vitb": 390_000_000, "vitl": 1_340_000_
 def _build_table() -> dict[tuple[str, str], dict[str, Any]]:
     # Only values the fact sheet states as documented; anything approximate or unverified is None.
     known: dict[tuple[str, str], tuple[int | None, str | None, str]] = {
-        ("vits", "relative"): (99_218_434, "715fade13be8f229f8a70cc02066f656f2423a59effd0579197bbf57860e1378", "Apache-2.0"),
-        ("vitb", "relative"): (389_961_218, "0d2b7002e62d39d655571c371333340bd88f67ab95050c03591555aa05645328", "CC-BY-NC-4.0"),
+        ("vits", "relative"): (
+            99_218_434,
+            "715fade13be8f229f8a70cc02066f656f2423a59effd0579197bbf57860e1378",
+            "Apache-2.0",
+        ),
+        ("vitb", "relative"): (
+            389_961_218,
+            "0d2b7002e62d39d655571c371333340bd88f67ab95050c03591555aa05645328",
+            "CC-BY-NC-4.0",
+        ),
         ("vitl", "relative"): (None, None, "CC-BY-NC-4.0"),
         ("vitg", "relative"): (None, None, "CC-BY-NC-4.0"),
         ("vits", "hypersim"): (None, None, "Apache-2.0"),
         ("vitb", "hypersim"): (None, None, "CC-BY-NC-4.0"),
         ("vitl", "hypersim"): (None, None, "CC-BY-NC-4.0"),
         ("vits", "vkitti"): (None, "9203e538d35255c90dda4b7fedb47ff33fe725497bcca3b1e53b3a65ee63f0cb", "Apache-2.0"),
-        ("vitb", "vkitti"): (389_964_656, "4dad67a7cc10b462bca48e6b8569c762b8eb3c1adada170a3851a6d3ba37bb3e", "CC-BY-NC-4.0"),
-        ("vitl", "vkitti"): (1_341_401_064, "239b1054a369e66da2576e9a118d6d7c12d90dc8ebe609579a9a09cd8e05fe38", "CC-BY-NC-4.0"),
+        ("vitb", "vkitti"): (
+            389_964_656,
+            "4dad67a7cc10b462bca48e6b8569c762b8eb3c1adada170a3851a6d3ba37bb3e",
+            "CC-BY-NC-4.0",
+        ),
+        ("vitl", "vkitti"): (
+            1_341_401_064,
+            "239b1054a369e66da2576e9a118d6d7c12d90dc8ebe609579a9a09cd8e05fe38",
+            "CC-BY-NC-4.0",
+        ),
     }
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for (encoder, dataset), (size, sha, licence) in known.items():
@@ -151,4 +167,3 @@ def find_checkpoint(checkpoint_dir: str | Path, encoder: str, dataset: str) -> P
             f"`{get_command(encoder, dataset)}` cannot fetch it either"
         )
     raise CheckpointNotFound("\n".join(lines))
-

@@ -16,16 +16,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
+from . import __version__, keys_cli, record, serve, view
 from . import protocol as P
-from . import keys_cli, record, serve, view
 from .config import DEFAULT_CHECKPOINT_DIR, WorkerOptions, add_arguments
 from .errors import CommandError, UserError
 from .protocol import ZDepthError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zdepth", description="Depth Anything V2 over ZeroMQ: metric depth, relative depth, point clouds.")
+    parser = argparse.ArgumentParser(
+        prog="zdepth", description="Depth Anything V2 over ZeroMQ: metric depth, relative depth, point clouds."
+    )
     parser.add_argument("--version", action="version", version=f"zdepth {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_predict(commands)
@@ -66,10 +67,19 @@ OUTPUTS = (
 def add_request_options(parser: argparse.ArgumentParser) -> None:
     """What to ask for and where the files go: the options `predict` and `depth` share."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
-    parser.add_argument("--dataset", choices=P.DATASETS, default=P.DEFAULT_DATASET,
-                        help="hypersim (indoor), vkitti (outdoor): metric; relative: disparity (default: %(default)s)")
+    parser.add_argument(
+        "--dataset",
+        choices=P.DATASETS,
+        default=P.DEFAULT_DATASET,
+        help="hypersim (indoor), vkitti (outdoor): metric; relative: disparity (default: %(default)s)",
+    )
     parser.add_argument("--max-depth", type=float, help="metres; default 20 for hypersim, 80 for vkitti")
-    parser.add_argument("--input-size", type=int, default=P.DEFAULT_INPUT_SIZE, help="the model's shorter side, a multiple of 14 (default: %(default)s)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=P.DEFAULT_INPUT_SIZE,
+        help="the model's shorter side, a multiple of 14 (default: %(default)s)",
+    )
     parser.add_argument("--fx", type=float, help="focal length in pixels: with it, a point cloud is written too")
     parser.add_argument("--fy", type=float, help="default: fx")
     parser.add_argument("--cx", type=float, help="principal point in pixels; default: width / 2")
@@ -110,8 +120,12 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("predict", help="run the model locally on image files", description=OUTPUTS)
     add_request_options(parser)
     parser.add_argument("--encoder", choices=P.ENCODERS, default=P.DEFAULT_ENCODER, help="default: %(default)s")
-    parser.add_argument("--rrd", metavar="FILE", help="also log each image, depth and point cloud to a rerun recording (viewer extra), "
-                        "entity world/predict, timeline `image`")
+    parser.add_argument(
+        "--rrd",
+        metavar="FILE",
+        help="also log each image, depth and point cloud to a rerun recording (viewer extra), "
+        "entity world/predict, timeline `image`",
+    )
     add_arguments(parser, WorkerOptions, only=("checkpoint_dir", "device", "dtype", "random_weights"))
     parser.set_defaults(func=cmd_predict)
 
@@ -154,7 +168,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_outputs(out, path.stem, depth, metric, result.arrays.get("points"), result.arrays.get("colors"))
         if rec is not None:
             rec.set_time("image", sequence=index)
-            view.log_frame(rec, "world/predict", depth, None if intrinsics is None else check_intrinsics(intrinsics), image[..., ::-1])
+            view.log_frame(
+                rec,
+                "world/predict",
+                depth,
+                None if intrinsics is None else check_intrinsics(intrinsics),
+                image[..., ::-1],
+            )
         print(summary(str(path), depth, result.min, result.max, depth_unit(method, args.dataset), result.timing))
     if rec is not None:
         rec.disconnect()  # flushes the file
@@ -180,19 +200,31 @@ def add_depth(commands: argparse._SubParsersAction) -> None:
         description=f"{OUTPUTS} The server computes; this side needs numpy and Pillow only (the `image` extra).",
     )
     add_request_options(parser)
-    parser.add_argument("--server", default=f"tcp://127.0.0.1:{P.DEFAULT_PORT}",
-                        help="endpoint (tcp://host:port, ipc://path) or a profile name from servers.yaml (default: %(default)s)")
-    parser.add_argument("--key", default=os.environ.get(ENV_KEY), help=f"API key when the server requires one (default: ${ENV_KEY})")
-    parser.add_argument("--method", choices=sorted(P.PREDICT_METHODS),
-                        help="default: pointcloud with --fx, else rel_depth for --dataset relative, else metric_depth")
+    parser.add_argument(
+        "--server",
+        default=f"tcp://127.0.0.1:{P.DEFAULT_PORT}",
+        help="endpoint (tcp://host:port, ipc://path) or a profile name from servers.yaml (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--key", default=os.environ.get(ENV_KEY), help=f"API key when the server requires one (default: ${ENV_KEY})"
+    )
+    parser.add_argument(
+        "--method",
+        choices=sorted(P.PREDICT_METHODS),
+        help="default: pointcloud with --fx, else rel_depth for --dataset relative, else metric_depth",
+    )
     parser.add_argument("--encoder", choices=P.ENCODERS, help="default: the server's --encoder")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer (default: %(default)s)")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for each answer (default: %(default)s)"
+    )
     parser.set_defaults(func=cmd_depth)
 
 
 def cmd_depth(args: argparse.Namespace) -> int:
     check_request_options(args)
-    method = args.method or (P.POINTCLOUD if args.fx is not None else P.REL_DEPTH if args.dataset == "relative" else P.METRIC_DEPTH)
+    method = args.method or (
+        P.POINTCLOUD if args.fx is not None else P.REL_DEPTH if args.dataset == "relative" else P.METRIC_DEPTH
+    )
     if method == P.POINTCLOUD and args.fx is None:
         raise CommandError("--method pointcloud needs the intrinsics: --fx (and --fy, --cx, --cy)")
 
@@ -205,9 +237,13 @@ def cmd_depth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = dict(key=args.key, timeout=args.timeout, encoder=args.encoder, dataset=args.dataset, input_size=args.input_size)
+    options = dict(
+        key=args.key, timeout=args.timeout, encoder=args.encoder, dataset=args.dataset, input_size=args.input_size
+    )
     try:
-        client = DepthClient(args.server, **options) if "://" in args.server else client_from_profile(args.server, **options)
+        client = (
+            DepthClient(args.server, **options) if "://" in args.server else client_from_profile(args.server, **options)
+        )
     except (KeyError, ValueError, OSError) as exc:  # an unknown profile, a bad servers.yaml
         raise CommandError(str(exc).strip('"')) from None
     exact = {"output_dtype": "float32"}  # the model's own float32 depth, as predict writes it (zstd is lossless)
@@ -226,7 +262,9 @@ def cmd_depth(args: argparse.Namespace) -> int:
                 depth, points, colors = result.depth, result.points, result.colors
             else:
                 ask = client.metric_depth if method == P.METRIC_DEPTH else client.relative_depth
-                result = ask(data, max_depth=args.max_depth, **exact) if method == P.METRIC_DEPTH else ask(data, **exact)
+                result = (
+                    ask(data, max_depth=args.max_depth, **exact) if method == P.METRIC_DEPTH else ask(data, **exact)
+                )
                 depth, points, colors = result.depth, None, None
             write_outputs(out, path.stem, depth, args.dataset != "relative", points, colors)
             print(summary(str(path), depth, result.min, result.max, depth_unit(method, args.dataset), result.timing))
@@ -269,8 +307,7 @@ def _size(size_bytes: int) -> str:
 
 
 def cmd_weights_list(args: argparse.Namespace) -> int:
-    from .checkpoint_files import APPROX_SIZE_BYTES
-    from .checkpoint_files import CHECKPOINTS, find_checkpoint
+    from .checkpoint_files import APPROX_SIZE_BYTES, CHECKPOINTS, find_checkpoint
     from .errors import CheckpointNotFound
 
     rows = [("ENCODER", "DATASET", "FILE", "SIZE", "LICENCE", "PRESENT")]
@@ -286,4 +323,3 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
-

@@ -88,7 +88,9 @@ class CompiledGraphs:
     `compiler(model, mode)` makes a graph (default `compile_graph`; another torch.compile backend
     may be passed in, as the tests do to keep them fast)."""
 
-    def __init__(self, mode: str, device: torch.device, max_graphs: int = DEFAULT_MAX_GRAPHS, compiler: Callable = compile_graph):
+    def __init__(
+        self, mode: str, device: torch.device, max_graphs: int = DEFAULT_MAX_GRAPHS, compiler: Callable = compile_graph
+    ):
         if mode not in COMPILE_MODES or mode == "off":
             raise ValueError(f"compile mode must be one of {list(COMPILE_MODES[1:])}, got {mode!r}")
         if max_graphs < 1:

@@ -25,7 +25,12 @@ from .resize import DEFAULT_MAX_ASPECT, DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_TOKE
 MIB = 1024 * 1024
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # compute precisions; the engine maps them to torch dtypes
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes (zdepth/compiled.py), or eager
+COMPILE_MODES = (
+    "off",
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+)  # torch.compile's modes (zdepth/compiled.py), or eager
 DEFAULT_MAX_GRAPHS = 8
 
 
@@ -40,10 +45,14 @@ def parse_image_sizes(text: str) -> list[tuple[int, int, int]]:
         try:
             parsed = (int(height), int(width), int(input_size) if input_size else P.DEFAULT_INPUT_SIZE)
         except ValueError:
-            raise ValueError(f"image size {item.strip()!r}: expected HEIGHTxWIDTH or HEIGHTxWIDTH@INPUT_SIZE, e.g. 480x640@518") from None
+            raise ValueError(
+                f"image size {item.strip()!r}: expected HEIGHTxWIDTH or HEIGHTxWIDTH@INPUT_SIZE, e.g. 480x640@518"
+            ) from None
         if min(parsed[:2]) < 1 or not P.MIN_INPUT_SIZE <= parsed[2] <= P.MAX_INPUT_SIZE or parsed[2] % P.PATCH_SIZE:
-            raise ValueError(f"image size {item.strip()!r}: sides must be positive and the input size a multiple of "
-                             f"{P.PATCH_SIZE} in [{P.MIN_INPUT_SIZE}, {P.MAX_INPUT_SIZE}]")
+            raise ValueError(
+                f"image size {item.strip()!r}: sides must be positive and the input size a multiple of "
+                f"{P.PATCH_SIZE} in [{P.MIN_INPUT_SIZE}, {P.MAX_INPUT_SIZE}]"
+            )
         sizes.append(parsed)
     return sizes
 
@@ -74,7 +83,9 @@ def flag(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def option_fields(cls: type, only: Optional[Collection[str]] = None, exclude: Collection[str] = ()) -> list[dataclasses.Field]:
+def option_fields(
+    cls: type, only: Optional[Collection[str]] = None, exclude: Collection[str] = ()
+) -> list[dataclasses.Field]:
     """The option fields of dataclass `cls`, in declaration order, optionally only/except some names."""
     fields = [f for f in dataclasses.fields(cls) if "argparse" in f.metadata]
     if only is not None:
@@ -85,7 +96,9 @@ def option_fields(cls: type, only: Optional[Collection[str]] = None, exclude: Co
     return [f for f in fields if f.name not in exclude]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, only: Optional[Collection[str]] = None, exclude: Collection[str] = ()) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, only: Optional[Collection[str]] = None, exclude: Collection[str] = ()
+) -> None:
     """Add the flags of dataclass `cls` (see `option`) to `parser`."""
     for f in option_fields(cls, only, exclude):
         kwargs = dict(f.metadata["argparse"])
@@ -141,10 +154,18 @@ class WorkerOptions:
     max_models: int = option(2, "resident models per worker (LRU)")
     max_batch: int = option(1, "requests per forward pass (dynamic batching; >1 on GPUs)")
     batch_wait_ms: float = option(2.0, "how long a forward pass waits for more requests to batch, ms")
-    threads: Optional[int] = option(None, "torch threads per worker (serve's default: the CPU cores shared among CPU workers)", type=int)
-    random_weights: bool = option(False, "random models instead of checkpoints (smoke runs; the depth is meaningless; health says so)")
-    compile: str = option("off", "torch.compile the model: one graph per (model, input shape, batch, dtype); reduce-overhead and "
-                          "max-autotune replay CUDA graphs on CUDA (fastest batch 1). A compile failure falls back to eager", choices=COMPILE_MODES)
+    threads: Optional[int] = option(
+        None, "torch threads per worker (serve's default: the CPU cores shared among CPU workers)", type=int
+    )
+    random_weights: bool = option(
+        False, "random models instead of checkpoints (smoke runs; the depth is meaningless; health says so)"
+    )
+    compile: str = option(
+        "off",
+        "torch.compile the model: one graph per (model, input shape, batch, dtype); reduce-overhead and "
+        "max-autotune replay CUDA graphs on CUDA (fastest batch 1). A compile failure falls back to eager",
+        choices=COMPILE_MODES,
+    )
     max_graphs: int = option(DEFAULT_MAX_GRAPHS, "compiled graphs held per worker (LRU)")
     warmup_shapes: Optional[str] = option(
         None,
@@ -168,16 +189,29 @@ class WorkerOptions:
         "seconds one compute call may take before its worker counts as hung (the broker answers worker_lost; "
         "the worker exits with status 3 and is restarted)",
     )
-    max_image_pixels: int = option(P.MAX_IMAGE_PIXELS, "raw shapes (broker) and decoded JPEG/PNG sizes (worker) above it are too_large")
-    max_tokens: int = option(DEFAULT_MAX_TOKENS, "images whose model input after the resize has more patch tokens are too_large (broker: raw shapes; worker: all)")
-    max_aspect: float = option(DEFAULT_MAX_ASPECT, "images whose longer side exceeds this many times the shorter are too_large (broker: raw shapes; worker: all)")
-    max_jpeg_scans: int = option(DEFAULT_MAX_JPEG_SCANS, "JPEGs with more scans (progressive passes) are too_large before decoding")
+    max_image_pixels: int = option(
+        P.MAX_IMAGE_PIXELS, "raw shapes (broker) and decoded JPEG/PNG sizes (worker) above it are too_large"
+    )
+    max_tokens: int = option(
+        DEFAULT_MAX_TOKENS,
+        "images whose model input after the resize has more patch tokens are too_large (broker: raw shapes; worker: all)",
+    )
+    max_aspect: float = option(
+        DEFAULT_MAX_ASPECT,
+        "images whose longer side exceeds this many times the shorter are too_large (broker: raw shapes; worker: all)",
+    )
+    max_jpeg_scans: int = option(
+        DEFAULT_MAX_JPEG_SCANS, "JPEGs with more scans (progressive passes) are too_large before decoding"
+    )
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = option("text", "text: key=value lines; json: one object per line", choices=FORMATS)
 
     def preloaded(self) -> list[tuple[str, str]]:
         """The --preload models as (encoder, dataset); a dataset left out is the default (hypersim)."""
-        return [(encoder, dataset or P.DEFAULT_DATASET) for encoder, _, dataset in (item.partition(":") for item in self.preload)]
+        return [
+            (encoder, dataset or P.DEFAULT_DATASET)
+            for encoder, _, dataset in (item.partition(":") for item in self.preload)
+        ]
 
     def needed_checkpoints(self) -> list[tuple[str, str]]:
         """What a worker loads: the default model (requests that name none) and the preloaded ones."""

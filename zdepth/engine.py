@@ -99,7 +99,12 @@ def postprocess(depth: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(depth[None, None], size=(height, width), mode="bilinear", align_corners=True)[0, 0]
 
 
-def unproject(depth: torch.Tensor, intrinsics: Intrinsics, columns: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def unproject(
+    depth: torch.Tensor,
+    intrinsics: Intrinsics,
+    columns: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """`geometry.unproject` in torch, on the depth's device: x = (u - cx) / fx * z,
     y = (v - cy) / fy * z; (H*W, 3), v outer, u inner. `columns`/`rows` are the float32 pixel
     indices (arange(W), arange(H)) if the caller keeps them."""
@@ -118,7 +123,7 @@ def unproject(depth: torch.Tensor, intrinsics: Intrinsics, columns: Optional[tor
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is the first CUDA device if there is one, else the CPU; "cpu", "cuda", "cuda:N" as named."""
+    """ "auto" is the first CUDA device if there is one, else the CPU; "cpu", "cuda", "cuda:N" as named."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -275,7 +280,12 @@ class Engine:
         return [f"{encoder}_{dataset}" for encoder, dataset in self._models]
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "dtype": self.dtype_name, "models": self.models_loaded(), "random_weights": self.random_weights}
+        return {
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "models": self.models_loaded(),
+            "random_weights": self.random_weights,
+        }
 
     # --- the core call ---
 
@@ -299,7 +309,9 @@ class Engine:
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _run_batch(self, model: DepthAnythingV2, requests: list[PredictRequest], images: list[np.ndarray]) -> list[Result]:
+    def _run_batch(
+        self, model: DepthAnythingV2, requests: list[PredictRequest], images: list[np.ndarray]
+    ) -> list[Result]:
         pre_ms, inputs = [], []
         for request, image in zip(requests, images):
             start = time.perf_counter()
@@ -321,14 +333,18 @@ class Engine:
 
     # --- compiled graphs (zdepth/compiled.py) ---
 
-    def _forward(self, model_key: tuple[str, str], model: DepthAnythingV2, x: torch.Tensor) -> tuple[torch.Tensor, Optional[float]]:
+    def _forward(
+        self, model_key: tuple[str, str], model: DepthAnythingV2, x: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[float]]:
         """`model(x)` for x (n, 3, h, w) in the engine's dtype, eagerly or through the compiled graph
         of its key, padded to the batch bucket (repeating the last input) and cut back to n:
         (output (n, h, w), the ms spent building the graph in this call, or None)."""
         if self.graphs is None:
             return model(x), None
         n = x.shape[0]
-        key = GraphKey(*model_key, shape=tuple(x.shape[2:]), batch=batch_bucket(n, self.max_batch), dtype=self.dtype_name)
+        key = GraphKey(
+            *model_key, shape=tuple(x.shape[2:]), batch=batch_bucket(n, self.max_batch), dtype=self.dtype_name
+        )
         if self.compile_in_background and key not in self.graphs:
             if self.graphs.failure is None:
                 self._build_later(key, model)
@@ -345,7 +361,9 @@ class Engine:
             if key in self._building or len(self._building) >= self.graphs.max_graphs:
                 return
             self._building.add(key)
-        threading.Thread(target=self._build_in_background, args=(key, model), name="zdepth-compile", daemon=True).start()
+        threading.Thread(
+            target=self._build_in_background, args=(key, model), name="zdepth-compile", daemon=True
+        ).start()
 
     def _build_in_background(self, key: GraphKey, model: DepthAnythingV2) -> None:
         try:
@@ -369,7 +387,9 @@ class Engine:
             _sync(self.device)
         return build_ms
 
-    def warm_up(self, image_sizes: Sequence[tuple[int, int, int]], models: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    def warm_up(
+        self, image_sizes: Sequence[tuple[int, int, int]], models: Sequence[tuple[str, str]]
+    ) -> list[dict[str, Any]]:
         """Run each model once at each image size (height, width, input_size) and each batch
         bucket, so that no request pays a first call: with `compile`, this builds the graphs;
         without, it runs one eager forward pass per shape and batch.
@@ -382,7 +402,9 @@ class Engine:
                     key = GraphKey(encoder, dataset, shape, batch, self.dtype_name)
                     start = time.perf_counter()
                     self._build(key, model)
-                    rows.append({"model": f"{encoder}_{dataset}", "shape": list(shape), "batch": batch, "ms": _ms(start)})
+                    rows.append(
+                        {"model": f"{encoder}_{dataset}", "shape": list(shape), "batch": batch, "ms": _ms(start)}
+                    )
         return rows
 
     def _preprocess(self, image: np.ndarray, input_size: int) -> torch.Tensor:
@@ -442,8 +464,15 @@ class Engine:
         server uses (`request.check_predict`), so a bad parameter gives the same message here as
         on the wire. The image is already in memory: no pixel limit applies."""
         fields = dict(
-            method=method, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size,
-            intrinsics=intrinsics, with_color=with_color, output_dtype=output_dtype, camera_info=camera_info,
+            method=method,
+            encoder=encoder,
+            dataset=dataset,
+            max_depth=max_depth,
+            input_size=input_size,
+            intrinsics=intrinsics,
+            with_color=with_color,
+            output_dtype=output_dtype,
+            camera_info=camera_info,
         )
         image = ImageSpec(format="raw", shape=check_bgr(image_bgr).shape)
         return check_predict(fields, image, self.default_encoder)
@@ -452,15 +481,32 @@ class Engine:
         """One image, one request: `run` with a request built by `request(method, image_bgr, **fields)`."""
         return self.run([self.request(method, image_bgr, **fields)], [image_bgr])[0]
 
-    def metric_depth(self, image_bgr: np.ndarray, encoder: Optional[str] = None, dataset: str = "hypersim", max_depth: Optional[float] = None, input_size: int = P.DEFAULT_INPUT_SIZE) -> np.ndarray:
+    def metric_depth(
+        self,
+        image_bgr: np.ndarray,
+        encoder: Optional[str] = None,
+        dataset: str = "hypersim",
+        max_depth: Optional[float] = None,
+        input_size: int = P.DEFAULT_INPUT_SIZE,
+    ) -> np.ndarray:
         """Depth in metres, float32 (H, W); max_depth defaults to the dataset's (20 hypersim, 80 vkitti)."""
-        result = self.predict(P.METRIC_DEPTH, image_bgr, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size)
+        result = self.predict(
+            P.METRIC_DEPTH, image_bgr, encoder=encoder, dataset=dataset, max_depth=max_depth, input_size=input_size
+        )
         return result.arrays["depth"]
 
-    def relative_depth(self, image_bgr: np.ndarray, encoder: Optional[str] = None, dataset: str = "hypersim", input_size: int = P.DEFAULT_INPUT_SIZE) -> np.ndarray:
+    def relative_depth(
+        self,
+        image_bgr: np.ndarray,
+        encoder: Optional[str] = None,
+        dataset: str = "hypersim",
+        input_size: int = P.DEFAULT_INPUT_SIZE,
+    ) -> np.ndarray:
         """The old API's rel_depth: a metric model's depth with max_depth = 1.0; with
         dataset="relative", the relative checkpoint's disparity (larger is nearer)."""
-        return self.predict(P.REL_DEPTH, image_bgr, encoder=encoder, dataset=dataset, input_size=input_size).arrays["depth"]
+        return self.predict(P.REL_DEPTH, image_bgr, encoder=encoder, dataset=dataset, input_size=input_size).arrays[
+            "depth"
+        ]
 
     def pointcloud(
         self,
@@ -475,8 +521,14 @@ class Engine:
         """Points float32 (H*W, 3) from metric depth and pinhole intrinsics {fx, fy, cx, cy};
         with `with_color`, (points, colors) where colors are the pixels' uint8 RGB."""
         result = self.predict(
-            P.POINTCLOUD, image_bgr, encoder=encoder, dataset=dataset, max_depth=max_depth,
-            input_size=input_size, intrinsics=intrinsics, with_color=with_color,
+            P.POINTCLOUD,
+            image_bgr,
+            encoder=encoder,
+            dataset=dataset,
+            max_depth=max_depth,
+            input_size=input_size,
+            intrinsics=intrinsics,
+            with_color=with_color,
         )
         if with_color:
             return result.arrays["points"], result.arrays["colors"]

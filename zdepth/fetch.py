@@ -128,7 +128,9 @@ class UrlFetcher:
             raise bad_request(f"image_url is not a valid URL: {exc}") from None
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
-            raise bad_request(f"image_url: only http and https URLs are fetched, not {scheme or 'a URL without a scheme'}")
+            raise bad_request(
+                f"image_url: only http and https URLs are fetched, not {scheme or 'a URL without a scheme'}"
+            )
         if parts.username is not None or parts.password is not None:
             raise bad_request("image_url: URLs with user:password are refused")
         host = (parts.hostname or "").rstrip(".")
@@ -185,7 +187,12 @@ class UrlFetcher:
         try:
             if isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
-            headers = {"Host": _netloc(target), "User-Agent": "zdepth", "Accept": "image/jpeg, image/png", "Accept-Encoding": "identity"}
+            headers = {
+                "Host": _netloc(target),
+                "User-Agent": "zdepth",
+                "Accept": "image/jpeg, image/png",
+                "Accept-Encoding": "identity",
+            }
             connection.request("GET", target.path, headers=headers)
             response = connection.getresponse()
             if response.status != 200:
@@ -215,7 +222,9 @@ class UrlFetcher:
                 raise self._too_large(target)
 
     def _too_large(self, target: _Target) -> ZDepthError:
-        return ZDepthError(P.TOO_LARGE, f"image_url: the image at {target.host} is over the {self.max_bytes} byte limit")
+        return ZDepthError(
+            P.TOO_LARGE, f"image_url: the image at {target.host} is over the {self.max_bytes} byte limit"
+        )
 
     def _timeout(self, target: _Target) -> ZDepthError:
         return bad_request(f"image_url: {target.host} did not deliver the image within {self.timeout_s:g} s")

@@ -38,7 +38,9 @@ def image_header(data: bytes) -> tuple[str, int, int]:
     except Image.DecompressionBombError as exc:
         raise ZDepthError(P.TOO_LARGE, f"image refused before decoding: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise bad_request("the image bytes are not a readable JPEG or PNG (corrupt, truncated or another format)") from None
+        raise bad_request(
+            "the image bytes are not a readable JPEG or PNG (corrupt, truncated or another format)"
+        ) from None
     if fmt not in _DECODABLE:
         raise bad_request(f"the image bytes are {fmt}; send jpeg, png or a raw uint8 array")
     return _DECODABLE[fmt], width, height
@@ -72,7 +74,7 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             i += 2
             continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
         if marker != 0xDA:
             continue
         scans += 1
@@ -101,16 +103,27 @@ def decode_bytes(data: bytes | memoryview, max_pixels: int, max_scans: int = DEF
         raise bad_request("the image bytes are empty")
     fmt, width, height = image_header(data)
     if width * height > max_pixels:
-        raise ZDepthError(P.TOO_LARGE, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise ZDepthError(
+            P.TOO_LARGE, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
     if fmt == "jpeg" and jpeg_scans(data, max_scans + 1) > max_scans:
-        raise ZDepthError(P.TOO_LARGE, f"the JPEG has more than {max_scans} scans (progressive passes); the limit is {max_scans} (--max-jpeg-scans)")
-    image = None if fmt == "jpeg" and _jpeg_truncated(data) else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        raise ZDepthError(
+            P.TOO_LARGE,
+            f"the JPEG has more than {max_scans} scans (progressive passes); the limit is {max_scans} (--max-jpeg-scans)",
+        )
+    image = (
+        None
+        if fmt == "jpeg" and _jpeg_truncated(data)
+        else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    )
     if image is None:
         raise bad_request(f"the {width}x{height} {fmt} image could not be decoded (corrupt or truncated bytes)")
     return image
 
 
-def decode_image(spec: ImageSpec, frames: Sequence, max_pixels: int, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> np.ndarray:
+def decode_image(
+    spec: ImageSpec, frames: Sequence, max_pixels: int, max_scans: int = DEFAULT_MAX_JPEG_SCANS
+) -> np.ndarray:
     """The image a validated request points at (see `request.check_image`) as BGR uint8 (H, W, 3).
 
     A raw BGR frame comes back as a read-only zero-copy view of the frame; a raw RGB frame is

@@ -35,16 +35,24 @@ DEFAULT_KEY_FILE = "keys.txt"  # what `keys add` and `keys list` use without --f
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `keygen` and `keys` to the `zdepth` parser."""
-    keygen = commands.add_parser("keygen", help="write a CURVE certificate pair (NAME.key, NAME.key_secret) for a server, a client or a worker")
+    keygen = commands.add_parser(
+        "keygen", help="write a CURVE certificate pair (NAME.key, NAME.key_secret) for a server, a client or a worker"
+    )
     keygen.add_argument("name", metavar="NAME", help="certificate name: letters, digits, '_', '.', '-'")
-    keygen.add_argument("--dir", default=".", help="folder for the two files (created mode 0700 if missing; default: the current one)")
+    keygen.add_argument(
+        "--dir", default=".", help="folder for the two files (created mode 0700 if missing; default: the current one)"
+    )
     keygen.set_defaults(func=cmd_keygen)
 
     keys = commands.add_parser("keys", help="manage API keys in a hashed key file")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="make a key, store its hash, print the key once")
     add.add_argument("name", metavar="NAME", help="who holds the key; shown in logs and stats instead of the key")
-    add.add_argument("--file", default=DEFAULT_KEY_FILE, help="the server's --api-key-file (created mode 0600 if missing; default: %(default)s)")
+    add.add_argument(
+        "--file",
+        default=DEFAULT_KEY_FILE,
+        help="the server's --api-key-file (created mode 0600 if missing; default: %(default)s)",
+    )
     add.set_defaults(func=cmd_keys_add)
     listing = actions.add_parser("list", help="the key names in a key file")
     listing.add_argument("--file", default=DEFAULT_KEY_FILE, help="default: %(default)s")
@@ -53,7 +61,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise KeysError(f"invalid name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        raise KeysError(
+            f"invalid name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -76,7 +86,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     existing = [str(p) for p in (public, secret) if p.exists()]
     if existing:
-        raise KeysError(f"{', '.join(existing)} already exist(s); a new pair would lock out everyone using the old one. Pick another NAME or remove them first")
+        raise KeysError(
+            f"{', '.join(existing)} already exist(s); a new pair would lock out everyone using the old one. Pick another NAME or remove them first"
+        )
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     # create_certificates opens files with the default mode: with umask 077 the secret is
     # never readable by others, not even between being written and chmod.
@@ -105,7 +117,10 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "w", encoding="utf-8") as f:
         f.write(f"{separator}{hashed_line(name, key)}\n")
     print(key)
-    print(f"zdepth: added key {name!r} to {path} (only its hash is stored; this is the one time the key is shown)", file=sys.stderr)
+    print(
+        f"zdepth: added key {name!r} to {path} (only its hash is stored; this is the one time the key is shown)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -16,7 +16,12 @@ from .geometry import colorize, write_ply
 
 
 def write_outputs(
-    out: Path, stem: str, depth: np.ndarray, invert: bool, points: Optional[np.ndarray] = None, colors: Optional[np.ndarray] = None
+    out: Path,
+    stem: str,
+    depth: np.ndarray,
+    invert: bool,
+    points: Optional[np.ndarray] = None,
+    colors: Optional[np.ndarray] = None,
 ) -> list[Path]:
     """Write `<stem>_depth.npy`, `<stem>_depth.png` and, with `points` (float32 (H*W, 3)) and
     optional `colors` (uint8 RGB (H*W, 3)), `<stem>.ply` into the folder `out`. `invert`: the map

@@ -110,6 +110,8 @@ STREAM_PORT_OFFSET = 1  # camera ingress (PULL)
 PUB_PORT_OFFSET = 2  # stream results (PUB)
 BACKEND_PORT_OFFSET = 3  # workers (ROUTER)
 IMAGEZMQ_PORT_OFFSET = 4  # optional imagezmq ingress (REP)
+
+
 def tcp_endpoint(host: str, port: int) -> str:
     """tcp://HOST:PORT; an IPv6 address goes in brackets (``::1`` or ``[::1]`` -> tcp://[::1]:PORT).
     Sockets that bind or connect to one need the zmq.IPV6 option."""
@@ -132,7 +134,9 @@ class Ports(NamedTuple):
 
 def port_layout(port: int = DEFAULT_PORT) -> Ports:
     """Every port of a server whose request port is `port`: the one place the layout is spelled."""
-    return Ports(port, port + STREAM_PORT_OFFSET, port + PUB_PORT_OFFSET, port + BACKEND_PORT_OFFSET, port + IMAGEZMQ_PORT_OFFSET)
+    return Ports(
+        port, port + STREAM_PORT_OFFSET, port + PUB_PORT_OFFSET, port + BACKEND_PORT_OFFSET, port + IMAGEZMQ_PORT_OFFSET
+    )
 
 
 # --- broker <-> worker (backend) ------------------------------------------------------------
@@ -323,13 +327,17 @@ def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.nd
     if compression not in COMPRESSIONS:
         raise bad_request(f"{what}: `compression` must be one of {list(COMPRESSIONS)}, got {short_repr(compression)}")
     if filter_ not in FILTERS or filter_ == "delta_row" and dtype != "uint16":
-        raise bad_request(f"{what}: `filter` must be none, or delta_row on uint16, got {short_repr(filter_)} on {dtype}")
+        raise bad_request(
+            f"{what}: `filter` must be none, or delta_row on uint16, got {short_repr(filter_)} on {dtype}"
+        )
     buffer = frame_buffer(frames[index])
     expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: a huge shape cannot wrap to a small size
     if compression == "zstd":
         buffer = _inflate(buffer, expected, f"{what} (frame {index})")
     elif len(buffer) != expected:
-        raise bad_request(f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}")
+        raise bad_request(
+            f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}"
+        )
     array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
     if filter_ == "delta_row":
         array = undelta_rows(array)
@@ -358,7 +366,9 @@ def _inflate(buffer: Any, expected: int, what: str) -> bytes:
 # --- headers --------------------------------------------------------------------------------
 
 
-def request_header(method: str, id: Any = None, key: Optional[str] = None, timeout_ms: Optional[int] = None, **fields: Any) -> dict:
+def request_header(
+    method: str, id: Any = None, key: Optional[str] = None, timeout_ms: Optional[int] = None, **fields: Any
+) -> dict:
     header = {"v": VERSION, "method": method, "id": id}
     if key is not None:
         header["key"] = key
@@ -396,14 +406,19 @@ def check_envelope_header(header: dict) -> str:
     """The checks every request passes before anything else: version and method. Returns the method."""
     version = header.get("v")
     if version != VERSION:
-        raise ZDepthError(UNSUPPORTED_VERSION, f"protocol version {short_repr(version)} is not supported; this server speaks v{VERSION}")
+        raise ZDepthError(
+            UNSUPPORTED_VERSION,
+            f"protocol version {short_repr(version)} is not supported; this server speaks v{VERSION}",
+        )
     method = header.get("method")
     if not isinstance(method, str):
         raise bad_request("`method` must be a string")
     if method not in METHODS:
         raise ZDepthError(UNKNOWN_METHOD, f"unknown method {short_repr(method)}; methods are {sorted(METHODS)}")
     timeout_ms = header.get("timeout_ms")
-    if timeout_ms is not None and (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool) or not 0 < timeout_ms <= 3_600_000):
+    if timeout_ms is not None and (
+        not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool) or not 0 < timeout_ms <= 3_600_000
+    ):
         raise bad_request(f"`timeout_ms` must be a number in (0, 3600000], got {short_repr(timeout_ms)}")
     key = header.get("key")
     if key is not None and not isinstance(key, str):
@@ -427,12 +442,20 @@ _METRIC_DATASET = {"type": "str", "enum": list(METRIC_DATASETS), "default": "hyp
 # uint16 counts are metric depth's form only: relative depth and clouds keep a float dtype.
 _FLOAT_OUTPUT = {"type": "str", "enum": [d for d in OUTPUT_DTYPES if d.startswith("float")], "default": "float32"}
 _PREDICT_FIELDS = {
-    "image": {"type": "map", "required": "unless image_url", "doc": "{frame, format: jpeg|png|raw, shape: [H, W, 3] for raw, channels: bgr|rgb (raw only, default bgr)}"},
+    "image": {
+        "type": "map",
+        "required": "unless image_url",
+        "doc": "{frame, format: jpeg|png|raw, shape: [H, W, 3] for raw, channels: bgr|rgb (raw only, default bgr)}",
+    },
     "image_url": {"type": "str", "doc": "http(s) URL fetched by the worker; only when the operator allows the host"},
     "encoder": {"type": "str", "enum": list(ENCODERS), "default": "the server's --encoder"},
     "dataset": {"type": "str", "enum": list(DATASETS), "default": "hypersim"},
     "max_depth": {"type": "float", "doc": "> 0; default: 20 for hypersim, 80 for vkitti (metres)"},
-    "input_size": {"type": "int", "default": DEFAULT_INPUT_SIZE, "doc": f"multiple of {PATCH_SIZE} in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]"},
+    "input_size": {
+        "type": "int",
+        "default": DEFAULT_INPUT_SIZE,
+        "doc": f"multiple of {PATCH_SIZE} in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]",
+    },
     "output_dtype": {
         "type": "str",
         "enum": list(OUTPUT_DTYPES),
@@ -444,7 +467,12 @@ _PREDICT_FIELDS = {
         "doc": f"metres per uint16 count, in [{MIN_DEPTH_SCALE:g}, {MAX_DEPTH_SCALE:g}]; default {DEFAULT_DEPTH_SCALE} "
         f"(1 mm), or the smallest multiple of it that holds max_depth in {DEPTH_COUNT_MAX} counts",
     },
-    "compression": {"type": "str", "enum": list(COMPRESSIONS), "default": "none", "doc": "zstd: every reply array as one zstd frame"},
+    "compression": {
+        "type": "str",
+        "enum": list(COMPRESSIONS),
+        "default": "none",
+        "doc": "zstd: every reply array as one zstd frame",
+    },
 }
 
 SCHEMA = {
@@ -479,7 +507,11 @@ SCHEMA = {
                 _PREDICT_FIELDS,
                 dataset=_METRIC_DATASET,
                 output_dtype=_FLOAT_OUTPUT,
-                intrinsics={"type": "map", "required": "unless camera_info", "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0"},
+                intrinsics={
+                    "type": "map",
+                    "required": "unless camera_info",
+                    "doc": "{fx, fy, cx, cy} in pixels of the image as sent; fx, fy > 0",
+                },
                 camera_info={
                     "type": "map",
                     "doc": "instead of intrinsics: ROS CameraInfo {k: 9 floats row-major, width, height, d, distortion_model}; "
@@ -494,7 +526,8 @@ SCHEMA = {
         "id": "the request's id",
         "arrays": "map name -> {frame, dtype, shape, compression, filter, scale (depth and points: metres per stored unit)}",
         "out_of_range": "int, uint16 replies: pixels set to 0 because their depth did not fit in 1..65535 counts",
-        "min": "float", "max": "float",
+        "min": "float",
+        "max": "float",
         "model": "str, e.g. vits_hypersim",
         "worker": "str",
         "timing": "map decode_ms, pre_ms, inference_ms, post_ms",
@@ -508,4 +541,3 @@ def check_stream_name(name: Any) -> str:
     if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
         raise bad_request("`stream` must be 1-64 characters from A-Z a-z 0-9 _ . : / -")
     return name
-

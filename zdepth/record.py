@@ -21,7 +21,12 @@ import sys
 from .stream_tools import add_stream_options, bounded_results, intrinsics_from_args, require_extra
 
 ENCODING_CHOICES = ("32FC1", "16UC1", "both")
-TOPICS = {"32FC1": "depth/image", "16UC1": "depth/image_raw", "camera_info": "depth/camera_info", "points": "depth/points"}
+TOPICS = {
+    "32FC1": "depth/image",
+    "16UC1": "depth/image_raw",
+    "camera_info": "depth/camera_info",
+    "points": "depth/points",
+}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_/]")
 
 
@@ -34,7 +39,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--stream", required=True, help="the stream name")
     parser.add_argument("--mcap", required=True, metavar="FILE", help="the MCAP file to write (replaced if it exists)")
-    parser.add_argument("--depth-encoding", choices=ENCODING_CHOICES, default="32FC1", help="which depth image topics (default: %(default)s)")
+    parser.add_argument(
+        "--depth-encoding",
+        choices=ENCODING_CHOICES,
+        default="32FC1",
+        help="which depth image topics (default: %(default)s)",
+    )
     parser.add_argument("--frame-id", help="default: <stream>_optical_frame")
     parser.add_argument("--topic-prefix", help="default: /zdepth/<stream>")
     add_stream_options(parser)
@@ -61,7 +71,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     with DepthSubscriber(args.pub, [args.stream]) as subscriber, ros.McapWriter(args.mcap) as writer:
         for result in bounded_results(subscriber, args.frames, args.seconds):
             dropped += result.dropped
-            if last_seq is not None and result.seq is not None:  # lost at the camera, or here when the SUB queue was full
+            if (
+                last_seq is not None and result.seq is not None
+            ):  # lost at the camera, or here when the SUB queue was full
                 missed += max(0, result.seq - last_seq - 1 - result.dropped)
             last_seq = result.seq
             if not result.ok or result.depth is None:
@@ -71,13 +83,26 @@ def cmd_record(args: argparse.Namespace) -> int:
             depth, stamp = result.depth, result.t_capture
             log_time = ros.stamp_ns(stamp)
             for encoding in encodings:
-                writer.write(f"{prefix}/{TOPICS[encoding]}", ros.depth_image(depth, stamp, frame_id, encoding), log_time)
+                writer.write(
+                    f"{prefix}/{TOPICS[encoding]}", ros.depth_image(depth, stamp, frame_id, encoding), log_time
+                )
             intrinsics = intrinsics_for(*depth.shape)
             if intrinsics is not None:
-                writer.write(f"{prefix}/{TOPICS['camera_info']}", ros.camera_info(intrinsics, *depth.shape, stamp, frame_id), log_time)
-                writer.write(f"{prefix}/{TOPICS['points']}", ros.pointcloud2(depth, intrinsics, stamp, frame_id, result.colors), log_time)
+                writer.write(
+                    f"{prefix}/{TOPICS['camera_info']}",
+                    ros.camera_info(intrinsics, *depth.shape, stamp, frame_id),
+                    log_time,
+                )
+                writer.write(
+                    f"{prefix}/{TOPICS['points']}",
+                    ros.pointcloud2(depth, intrinsics, stamp, frame_id, result.colors),
+                    log_time,
+                )
             written += 1
-    print(f"zdepth: recorded {written} frames ({writer.messages} messages) of {args.stream} to {args.mcap}; "
-          f"{errors} errors or depth-less results, {dropped} frames dropped by the broker, {missed} other seq gaps (camera-side drops, or results this recorder was too slow for)"
-          + (f"; last error: {last_error}" if last_error else ""), file=sys.stderr)
+    print(
+        f"zdepth: recorded {written} frames ({writer.messages} messages) of {args.stream} to {args.mcap}; "
+        f"{errors} errors or depth-less results, {dropped} frames dropped by the broker, {missed} other seq gaps (camera-side drops, or results this recorder was too slow for)"
+        + (f"; last error: {last_error}" if last_error else ""),
+        file=sys.stderr,
+    )
     return 0

@@ -27,7 +27,12 @@ def check_dataset(dataset: Any) -> str:
 
 
 def check_input_size(size: Any) -> int:
-    if not isinstance(size, int) or isinstance(size, bool) or size % P.PATCH_SIZE or not P.MIN_INPUT_SIZE <= size <= P.MAX_INPUT_SIZE:
+    if (
+        not isinstance(size, int)
+        or isinstance(size, bool)
+        or size % P.PATCH_SIZE
+        or not P.MIN_INPUT_SIZE <= size <= P.MAX_INPUT_SIZE
+    ):
         raise bad_request(
             f"`input_size` must be a multiple of {P.PATCH_SIZE} from {P.MIN_INPUT_SIZE} to {P.MAX_INPUT_SIZE}, got {size!r}"
         )
@@ -159,7 +164,9 @@ def default_depth_scale(max_depth: float) -> float:
 
 def check_depth_scale(scale: Any) -> float:
     if not _finite(scale) or not P.MIN_DEPTH_SCALE <= scale <= P.MAX_DEPTH_SCALE:
-        raise bad_request(f"`depth_scale` must be a number of metres per count in [{P.MIN_DEPTH_SCALE:g}, {P.MAX_DEPTH_SCALE:g}], got {P.short_repr(scale)}")
+        raise bad_request(
+            f"`depth_scale` must be a number of metres per count in [{P.MIN_DEPTH_SCALE:g}, {P.MAX_DEPTH_SCALE:g}], got {P.short_repr(scale)}"
+        )
     return float(scale)
 
 
@@ -185,7 +192,10 @@ def _field(header: Mapping[str, Any], name: str, default: Any) -> Any:
 
 
 def parse_predict(
-    header: Mapping[str, Any], frames: Sequence, default_encoder: str = P.DEFAULT_ENCODER, max_pixels: int = P.MAX_IMAGE_PIXELS
+    header: Mapping[str, Any],
+    frames: Sequence,
+    default_encoder: str = P.DEFAULT_ENCODER,
+    max_pixels: int = P.MAX_IMAGE_PIXELS,
 ) -> PredictRequest:
     """Validate a prediction header (frames: header first). Raises ZDepthError(bad_request...)."""
     _check_method(header)
@@ -199,7 +209,9 @@ def _check_method(header: Mapping[str, Any]) -> str:
     return method
 
 
-def check_predict(header: Mapping[str, Any], image: ImageSpec, default_encoder: str = P.DEFAULT_ENCODER) -> PredictRequest:
+def check_predict(
+    header: Mapping[str, Any], image: ImageSpec, default_encoder: str = P.DEFAULT_ENCODER
+) -> PredictRequest:
     """A PredictRequest from prediction fields (`method`, `encoder`, `max_depth`... with the wire's
     names, types and defaults; None means the default) for an image already located: the wire's
     `parse_predict`, and local callers such as `Engine.request` with the image in memory. Raises
@@ -210,9 +222,13 @@ def check_predict(header: Mapping[str, Any], image: ImageSpec, default_encoder: 
     input_size = check_input_size(_field(header, "input_size", P.DEFAULT_INPUT_SIZE))
     if dataset == "relative":
         if method != P.REL_DEPTH:
-            raise bad_request(f"{method} needs a metric dataset (hypersim or vkitti): the relative checkpoint gives disparity, not depth")
+            raise bad_request(
+                f"{method} needs a metric dataset (hypersim or vkitti): the relative checkpoint gives disparity, not depth"
+            )
         if header.get("max_depth") is not None:
-            raise bad_request("`max_depth` has no meaning for dataset relative: its output is disparity-like, not metres")
+            raise bad_request(
+                "`max_depth` has no meaning for dataset relative: its output is disparity-like, not metres"
+            )
         max_depth = 1.0
     elif method == P.REL_DEPTH:
         max_depth = 1.0  # the old API's /rel_depth: the metric model with max_depth = 1
@@ -247,6 +263,16 @@ def check_predict(header: Mapping[str, Any], image: ImageSpec, default_encoder: 
     if not isinstance(with_color, bool):
         raise bad_request("`with_color` must be true or false")
     return PredictRequest(
-        method, image, encoder, dataset, input_size, max_depth, intrinsics, output_dtype, with_color, depth_scale, compression,
+        method,
+        image,
+        encoder,
+        dataset,
+        input_size,
+        max_depth,
+        intrinsics,
+        output_dtype,
+        with_color,
+        depth_scale,
+        compression,
         camera_info=camera_info,
     )

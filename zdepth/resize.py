@@ -57,7 +57,10 @@ class ComputeLimits:
         """Raise `too_large` for an (height, width) image, in pixels, that the model must not run on."""
         aspect = max(height, width) / max(1, min(height, width))
         if aspect > self.max_aspect:
-            raise P.ZDepthError(P.TOO_LARGE, f"image is {width}x{height}, aspect ratio {aspect:.1f}; the limit is {self.max_aspect:g} (--max-aspect)")
+            raise P.ZDepthError(
+                P.TOO_LARGE,
+                f"image is {width}x{height}, aspect ratio {aspect:.1f}; the limit is {self.max_aspect:g} (--max-aspect)",
+            )
         count = tokens(height, width, input_size)
         if count > self.max_tokens:
             h, w = resized_shape(height, width, input_size)

@@ -58,7 +58,9 @@ def header(stamp: float, frame_id: str) -> Any:
     """std_msgs/msg/Header for a time.time() stamp in seconds."""
     types = _types()
     sec, nanosec = divmod(stamp_ns(stamp), 1_000_000_000)
-    return types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec), frame_id=frame_id)
+    return types["std_msgs/msg/Header"](
+        stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec), frame_id=frame_id
+    )
 
 
 def _valid(depth: np.ndarray) -> np.ndarray:
@@ -102,7 +104,9 @@ def pack_rgb(colors: np.ndarray) -> np.ndarray:
     return ((colors[..., 0] << 16) | (colors[..., 1] << 8) | colors[..., 2]).view(np.float32)
 
 
-def pointcloud2(depth: np.ndarray, intrinsics: Intrinsics, stamp: float, frame_id: str, colors: Optional[np.ndarray] = None) -> Any:
+def pointcloud2(
+    depth: np.ndarray, intrinsics: Intrinsics, stamp: float, frame_id: str, colors: Optional[np.ndarray] = None
+) -> Any:
     """sensor_msgs/msg/PointCloud2, organised H x W, from a depth map in metres (H, W) and the
     intrinsics of that map; `colors`: optional uint8 RGB (H, W, 3) or (H*W, 3) -> an rgb field."""
     depth = np.asarray(depth, dtype=np.float32)
@@ -182,9 +186,15 @@ class McapWriter:
         if topic not in self._channels:
             if msgtype not in self._schemas:
                 text, _ = typestore().generate_msgdef(msgtype, ros_version=2)
-                self._schemas[msgtype] = self._writer.register_schema(name=msgtype, encoding="ros2msg", data=text.encode())
-            self._channels[topic] = self._writer.register_channel(topic=topic, message_encoding="cdr", schema_id=self._schemas[msgtype])
-        self._writer.add_message(self._channels[topic], log_time=log_time_ns, data=serialize(message), publish_time=log_time_ns)
+                self._schemas[msgtype] = self._writer.register_schema(
+                    name=msgtype, encoding="ros2msg", data=text.encode()
+                )
+            self._channels[topic] = self._writer.register_channel(
+                topic=topic, message_encoding="cdr", schema_id=self._schemas[msgtype]
+            )
+        self._writer.add_message(
+            self._channels[topic], log_time=log_time_ns, data=serialize(message), publish_time=log_time_ns
+        )
         self.messages += 1
 
     def close(self) -> None:

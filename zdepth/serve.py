@@ -16,12 +16,12 @@ ingress. The broker process never imports torch.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import dataclasses
+import ipaddress
 import json
-import signal
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,56 +43,161 @@ log = logging.getLogger("zdepth.serve")
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=P.DEFAULT_PORT, help="request/reply port; stream, pub and worker ports follow it")
-    parser.add_argument("--ipc", metavar="PATH", help="also serve requests on ipc://PATH (same-host clients, slightly faster)")
-    parser.add_argument("--backend-host",
-                        help="interface for the TCP worker port P+3 (broker: default 127.0.0.1; serve: none, its own workers use ipc). "
-                             "Beyond loopback use --worker-keys: without it the port has no authentication")
-    parser.add_argument("--worker-keys", metavar="DIR",
-                        help="only workers whose public NAME.key (zdepth keygen) is in DIR may connect to the TCP worker port, "
-                             "over CURVE (needs --curve-secret-file; reloaded on SIGHUP)")
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accepted key (repeatable); prefer --api-key-file or $ZDEPTH_API_KEYS")
-    parser.add_argument("--api-key-file", metavar="FILE", help="key file: 'NAME KEY' or 'NAME sha256:HEX' per line; reloaded on change or SIGHUP")
-    parser.add_argument("--require-auth", action="store_true", help="every method but health/describe needs a valid key")
-    parser.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue, help="requests waiting for a worker before `overloaded`")
-    parser.add_argument("--timeout-ms", type=int, default=BrokerConfig.default_timeout_ms, help="default request deadline")
-    parser.add_argument("--max-request-mb", type=float, default=BrokerConfig.max_request_bytes / MB, help="larger requests are answered too_large")
-    parser.add_argument("--max-inflight-mb", type=float, default=BrokerConfig.max_inflight_bytes / MB,
-                        help="bytes of requests and camera frames held (queued or computing), all clients together; beyond it overloaded")
-    parser.add_argument("--max-client-inflight-mb", type=float, default=BrokerConfig.max_client_inflight_bytes / MB,
-                        help="the same per client connection and per key name; one request larger than this is too_large")
-    parser.add_argument("--max-client-reply-mb", type=float, default=BrokerConfig.max_client_reply_bytes / MB,
-                        help="replies queued toward one client connection that it has not read; beyond it its replies are dropped "
-                             "(an overloaded error stands in) and its new requests refused")
-    parser.add_argument("--handshake-timeout", type=float, default=BrokerConfig.handshake_s, metavar="S",
-                        help="public sockets: a connection that has not finished the ZeroMQ handshake after S seconds is closed")
-    parser.add_argument("--peer-heartbeat", type=float, default=BrokerConfig.peer_heartbeat_s, metavar="S",
-                        help="public sockets: ZeroMQ PING every S seconds; a peer that answers none for 3*S is disconnected (0: off)")
-    parser.add_argument("--rate-limit", type=float, default=BrokerConfig.rate_limit, metavar="RPS",
-                        help="requests/s per key name (per client connection without auth); beyond it rate_limited. 0 (default): off")
-    parser.add_argument("--rate-burst", type=int, metavar="N", help="requests a key may send at once above its rate (default: max(1, RPS))")
-    parser.add_argument("--curve-secret-file", metavar="FILE", help="encrypt the client-facing sockets with CURVE: the server's NAME.key_secret (zdepth keygen)")
-    parser.add_argument("--curve-clients", metavar="DIR", help="with CURVE, only clients whose public NAME.key is in DIR may connect (reloaded on SIGHUP)")
-    parser.add_argument("--curve-allow-any", action="store_true", help="with CURVE, any client knowing the server's public key may connect (encryption only)")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics (needs prometheus_client)")
-    parser.add_argument("--drain-timeout", type=float, default=BrokerConfig.drain_timeout_s, metavar="S",
-                        help="on SIGTERM/SIGINT, seconds the requests already accepted may take to finish before the rest are answered "
-                             "shutting_down (a second signal: at once) (default: %(default)s)")
-    parser.add_argument("--no-worker-grace", type=float, default=BrokerConfig.no_worker_grace_s, metavar="S",
-                        help="with no worker connected for this long, queued and new requests are answered worker_lost at once "
-                             "instead of at their deadline; 0: off (default: %(default)s)")
-    parser.add_argument("--imagezmq", action="store_true", help="accept unchanged imagezmq senders (REQ/REP) on PORT+4; no keys there")
-    parser.add_argument("--imagezmq-sub", action="append", default=[], metavar="ENDPOINT",
-                        help="subscribe to an imagezmq PUB sender (ImageSender(connect_to='tcp://*:5555', REQ_REP=False) binds), "
-                             "e.g. tcp://camera-host:5555; repeatable; no keys there")
-    parser.add_argument("--imagezmq-fields", type=json.loads, default={"method": P.METRIC_DEPTH}, metavar="JSON",
-                        help='prediction fields for imagezmq streams, e.g. \'{"method": "metric_depth", "input_size": 518}\'')
+    parser.add_argument(
+        "--port", type=int, default=P.DEFAULT_PORT, help="request/reply port; stream, pub and worker ports follow it"
+    )
+    parser.add_argument(
+        "--ipc", metavar="PATH", help="also serve requests on ipc://PATH (same-host clients, slightly faster)"
+    )
+    parser.add_argument(
+        "--backend-host",
+        help="interface for the TCP worker port P+3 (broker: default 127.0.0.1; serve: none, its own workers use ipc). "
+        "Beyond loopback use --worker-keys: without it the port has no authentication",
+    )
+    parser.add_argument(
+        "--worker-keys",
+        metavar="DIR",
+        help="only workers whose public NAME.key (zdepth keygen) is in DIR may connect to the TCP worker port, "
+        "over CURVE (needs --curve-secret-file; reloaded on SIGHUP)",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accepted key (repeatable); prefer --api-key-file or $ZDEPTH_API_KEYS",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="key file: 'NAME KEY' or 'NAME sha256:HEX' per line; reloaded on change or SIGHUP",
+    )
+    parser.add_argument(
+        "--require-auth", action="store_true", help="every method but health/describe needs a valid key"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=BrokerConfig.max_queue,
+        help="requests waiting for a worker before `overloaded`",
+    )
+    parser.add_argument(
+        "--timeout-ms", type=int, default=BrokerConfig.default_timeout_ms, help="default request deadline"
+    )
+    parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=BrokerConfig.max_request_bytes / MB,
+        help="larger requests are answered too_large",
+    )
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=BrokerConfig.max_inflight_bytes / MB,
+        help="bytes of requests and camera frames held (queued or computing), all clients together; beyond it overloaded",
+    )
+    parser.add_argument(
+        "--max-client-inflight-mb",
+        type=float,
+        default=BrokerConfig.max_client_inflight_bytes / MB,
+        help="the same per client connection and per key name; one request larger than this is too_large",
+    )
+    parser.add_argument(
+        "--max-client-reply-mb",
+        type=float,
+        default=BrokerConfig.max_client_reply_bytes / MB,
+        help="replies queued toward one client connection that it has not read; beyond it its replies are dropped "
+        "(an overloaded error stands in) and its new requests refused",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=BrokerConfig.handshake_s,
+        metavar="S",
+        help="public sockets: a connection that has not finished the ZeroMQ handshake after S seconds is closed",
+    )
+    parser.add_argument(
+        "--peer-heartbeat",
+        type=float,
+        default=BrokerConfig.peer_heartbeat_s,
+        metavar="S",
+        help="public sockets: ZeroMQ PING every S seconds; a peer that answers none for 3*S is disconnected (0: off)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=BrokerConfig.rate_limit,
+        metavar="RPS",
+        help="requests/s per key name (per client connection without auth); beyond it rate_limited. 0 (default): off",
+    )
+    parser.add_argument(
+        "--rate-burst",
+        type=int,
+        metavar="N",
+        help="requests a key may send at once above its rate (default: max(1, RPS))",
+    )
+    parser.add_argument(
+        "--curve-secret-file",
+        metavar="FILE",
+        help="encrypt the client-facing sockets with CURVE: the server's NAME.key_secret (zdepth keygen)",
+    )
+    parser.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        help="with CURVE, only clients whose public NAME.key is in DIR may connect (reloaded on SIGHUP)",
+    )
+    parser.add_argument(
+        "--curve-allow-any",
+        action="store_true",
+        help="with CURVE, any client knowing the server's public key may connect (encryption only)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs prometheus_client)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=BrokerConfig.drain_timeout_s,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds the requests already accepted may take to finish before the rest are answered "
+        "shutting_down (a second signal: at once) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-worker-grace",
+        type=float,
+        default=BrokerConfig.no_worker_grace_s,
+        metavar="S",
+        help="with no worker connected for this long, queued and new requests are answered worker_lost at once "
+        "instead of at their deadline; 0: off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--imagezmq", action="store_true", help="accept unchanged imagezmq senders (REQ/REP) on PORT+4; no keys there"
+    )
+    parser.add_argument(
+        "--imagezmq-sub",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="subscribe to an imagezmq PUB sender (ImageSender(connect_to='tcp://*:5555', REQ_REP=False) binds), "
+        "e.g. tcp://camera-host:5555; repeatable; no keys there",
+    )
+    parser.add_argument(
+        "--imagezmq-fields",
+        type=json.loads,
+        default={"method": P.METRIC_DEPTH},
+        metavar="JSON",
+        help='prediction fields for imagezmq streams, e.g. \'{"method": "metric_depth", "input_size": 518}\'',
+    )
     add_arguments(parser, WorkerOptions, only=SHARED_WITH_BROKER)
 
 
 def broker_config(args: argparse.Namespace, expect_workers: int = 0):
     from broker.broker import BrokerConfig
     from broker.security import CurveConfig
+
     from .auth import KeyStore
 
     curve = None
@@ -101,11 +206,17 @@ def broker_config(args: argparse.Namespace, expect_workers: int = 0):
     elif args.curve_clients or args.curve_allow_any or args.worker_keys:
         raise ConfigError("--curve-clients, --curve-allow-any and --worker-keys need --curve-secret-file")
     if args.backend_host and not _is_loopback(args.backend_host) and not args.worker_keys:
-        log.warning("worker port on %s without --worker-keys: any process that reaches it can register as a worker", args.backend_host)
+        log.warning(
+            "worker port on %s without --worker-keys: any process that reaches it can register as a worker",
+            args.backend_host,
+        )
 
     frontends = [P.tcp_endpoint(args.host, args.port)] + ([f"ipc://{args.ipc}"] if args.ipc else [])
     if not _is_loopback(args.host) and not args.require_auth and (curve is None or not curve.secures_clients):
-        log.warning("binding %s beyond loopback with neither --require-auth nor CURVE: anyone who can reach it may use it", args.host)
+        log.warning(
+            "binding %s beyond loopback with neither --require-auth nor CURVE: anyone who can reach it may use it",
+            args.host,
+        )
     ports = P.port_layout(args.port)
     return BrokerConfig(
         frontends=frontends,
@@ -162,8 +273,10 @@ def _start_broker(config, context):
         return Broker(config, context)
     except BindError as exc:
         ports = P.port_layout(int(config.frontends[0].rsplit(":", 1)[1]))
-        raise ServeError(f"{exc}. zdepth uses ports {ports.request}..{ports.imagezmq} (--port P: requests P, cameras P+1, "
-                         f"results P+2, workers P+3, imagezmq P+4); is another server running? Choose another --port") from None
+        raise ServeError(
+            f"{exc}. zdepth uses ports {ports.request}..{ports.imagezmq} (--port P: requests P, cameras P+1, "
+            f"results P+2, workers P+3, imagezmq P+4); is another server running? Choose another --port"
+        ) from None
 
 
 def _run_until_done(broker, context) -> None:
@@ -188,7 +301,9 @@ def _worker_curve_keys(args: argparse.Namespace) -> Optional[tuple]:
     if not (args.curve_secret_file or args.curve_server_key):
         return None
     if not (args.curve_secret_file and args.curve_server_key):
-        raise ServeError("a worker's CURVE needs --curve-secret-file (its own NAME.key_secret) and --curve-server-key (the broker's NAME.key)")
+        raise ServeError(
+            "a worker's CURVE needs --curve-secret-file (its own NAME.key_secret) and --curve-server-key (the broker's NAME.key)"
+        )
     import zmq.auth
 
     try:
@@ -197,7 +312,9 @@ def _worker_curve_keys(args: argparse.Namespace) -> Optional[tuple]:
     except (OSError, ValueError) as exc:
         raise ServeError(f"worker CURVE keys: {exc}") from None
     if not secret:
-        raise ServeError(f"--curve-secret-file {args.curve_secret_file} holds no secret key: give the NAME.key_secret file")
+        raise ServeError(
+            f"--curve-secret-file {args.curve_secret_file} holds no secret key: give the NAME.key_secret file"
+        )
     return public, secret, server
 
 
@@ -210,7 +327,9 @@ def run_worker(args: argparse.Namespace) -> int:
     configure_logging(options.log_level, options.log_format)
     fetch_url = None  # checked before the models load, so a bad --allow-url-host fails at once
     if options.allow_url_host:
-        fetch_url = UrlFetcher(options.allow_url_host, options.allow_private_urls, int(options.url_max_mb * MIB), options.url_timeout)
+        fetch_url = UrlFetcher(
+            options.allow_url_host, options.allow_private_urls, int(options.url_max_mb * MIB), options.url_timeout
+        )
         log.info("image_url fetching on: %r", fetch_url)
     engine = Engine(
         checkpoint_dir=options.checkpoint_dir,
@@ -244,7 +363,9 @@ def run_worker(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
-    if hasattr(signal, "SIGHUP"):  # SIGHUP reloads the broker's keys; one sent to the whole process group must not kill workers
+    if hasattr(
+        signal, "SIGHUP"
+    ):  # SIGHUP reloads the broker's keys; one sent to the whole process group must not kill workers
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker.run()
     return 0
@@ -253,7 +374,12 @@ def run_worker(args: argparse.Namespace) -> int:
 def _gpu_count() -> int:
     """Counted in a child process so the broker process never imports torch."""
     try:
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return int(out.stdout.strip() or 0)
     except (subprocess.SubprocessError, ValueError):
         return 0
@@ -325,7 +451,13 @@ class Supervisor:
                     return
                 if time.monotonic() - self._started[i] > STABLE_S:
                     backoff[i] = BACKOFF_S
-                log.warning("worker %d (pid %d) exited with %s; restarting in %.1f s", i, process.pid, process.returncode, backoff[i])
+                log.warning(
+                    "worker %d (pid %d) exited with %s; restarting in %.1f s",
+                    i,
+                    process.pid,
+                    process.returncode,
+                    backoff[i],
+                )
                 if self._stop.wait(backoff[i]):
                     return
                 backoff[i] = min(backoff[i] * 2, BACKOFF_MAX_S)
@@ -356,12 +488,26 @@ def serve_workers(args: argparse.Namespace) -> list[WorkerOptions]:
     devices = worker_devices(options.device, args.workers)
     cpu_workers = sum(d == "cpu" for d in devices)
     cpu_threads = options.threads or max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
-    return [dataclasses.replace(options, device=d, threads=cpu_threads if d == "cpu" else options.threads) for d in devices]
+    return [
+        dataclasses.replace(options, device=d, threads=cpu_threads if d == "cpu" else options.threads) for d in devices
+    ]
 
 
 def worker_command(options: WorkerOptions, connect: str, name: str) -> list[str]:
     """The command line of one `zdepth worker` process with these options, as serve's child."""
-    return [sys.executable, "-m", "zdepth", "worker", "--connect", connect, "--name", name, "--parent-pid", str(os.getpid()), *to_argv(options)]
+    return [
+        sys.executable,
+        "-m",
+        "zdepth",
+        "worker",
+        "--connect",
+        connect,
+        "--name",
+        name,
+        "--parent-pid",
+        str(os.getpid()),
+        *to_argv(options),
+    ]
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -384,10 +530,18 @@ def run_serve(args: argparse.Namespace) -> int:
         config.backend = None
     context = zmq.Context()
     broker = _start_broker(config, context)  # bind first, so workers find the backend
-    supervisor = Supervisor([worker_command(w, config.local_backend, f"worker-{i}-{w.device}") for i, w in enumerate(workers)], on_fatal=broker.stop)
+    supervisor = Supervisor(
+        [worker_command(w, config.local_backend, f"worker-{i}-{w.device}") for i, w in enumerate(workers)],
+        on_fatal=broker.stop,
+    )
     broker.on_worker_lost = lambda worker, reason: supervisor.kill(worker.info["pid"], reason)
     supervisor.start()
-    log.info("serving on %s with %d worker(s): %s", ", ".join(config.frontends), len(workers), ", ".join(w.device for w in workers))
+    log.info(
+        "serving on %s with %d worker(s): %s",
+        ", ".join(config.frontends),
+        len(workers),
+        ", ".join(w.device for w in workers),
+    )
     try:
         _run_until_done(broker, context)
     finally:
@@ -407,9 +561,7 @@ HEALTH_READY, HEALTH_NOT_READY, HEALTH_UNREACHABLE = 0, 1, 2
 def run_health(args: argparse.Namespace) -> int:
     import json
 
-    from clients import DepthClient
-
-    from clients import Timeout
+    from clients import DepthClient, Timeout
 
     try:
         with DepthClient(args.server, timeout=args.timeout, retries=0) as client:
@@ -427,9 +579,12 @@ def register(subparsers) -> None:
     add_broker_arguments(serve)
     add_arguments(serve, WorkerOptions, exclude=SHARED_WITH_BROKER)
     serve.add_argument("--workers", type=int, help="worker processes (default: one per GPU, else 1 CPU worker)")
-    serve.add_argument("--fetch-weights", action="store_true",
-                       help="first download the checkpoints the workers will load (--encoder's hypersim model and --preload ones) "
-                            "when they are missing; when that fails, say what to do and exit 2 (`make serve` sets it)")
+    serve.add_argument(
+        "--fetch-weights",
+        action="store_true",
+        help="first download the checkpoints the workers will load (--encoder's hypersim model and --preload ones) "
+        "when they are missing; when that fails, say what to do and exit 2 (`make serve` sets it)",
+    )
     serve.set_defaults(func=run_serve)
 
     broker = subparsers.add_parser("broker", help="the broker alone; workers connect to PORT+3")
@@ -439,9 +594,19 @@ def register(subparsers) -> None:
     worker = subparsers.add_parser("worker", help="one worker process for one device, connecting to a broker")
     worker.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://gpu-host:5558")
     worker.add_argument("--name", help="name shown in health (default host-pid)")
-    worker.add_argument("--parent-pid", type=int, help="stop when the process with this pid is no longer our parent (zdepth serve sets it)")
-    worker.add_argument("--curve-secret-file", metavar="FILE", help="connect over CURVE with this worker key pair (its NAME.key_secret from zdepth keygen)")
-    worker.add_argument("--curve-server-key", metavar="FILE", help="with --curve-secret-file: the broker's public NAME.key")
+    worker.add_argument(
+        "--parent-pid",
+        type=int,
+        help="stop when the process with this pid is no longer our parent (zdepth serve sets it)",
+    )
+    worker.add_argument(
+        "--curve-secret-file",
+        metavar="FILE",
+        help="connect over CURVE with this worker key pair (its NAME.key_secret from zdepth keygen)",
+    )
+    worker.add_argument(
+        "--curve-server-key", metavar="FILE", help="with --curve-secret-file: the broker's public NAME.key"
+    )
     add_arguments(worker, WorkerOptions)
     worker.set_defaults(func=run_worker)
 

@@ -29,15 +29,29 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     """--pub, the bounds (--frames, --seconds) and the camera (--fx/--fy/--cx/--cy or --camera-info)."""
     from clients.stream import DEFAULT_RESULTS
 
-    parser.add_argument("--pub", default=DEFAULT_RESULTS, metavar="ENDPOINT", help="the broker's results PUB socket (default: %(default)s)")
+    parser.add_argument(
+        "--pub",
+        default=DEFAULT_RESULTS,
+        metavar="ENDPOINT",
+        help="the broker's results PUB socket (default: %(default)s)",
+    )
     parser.add_argument("--frames", type=int, metavar="N", help="stop after N results (default: no limit)")
-    parser.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds (default: no limit; Ctrl-C stops cleanly)")
-    camera = parser.add_argument_group("camera", "the stream's intrinsics (the PUB socket does not carry them); without them there is no point cloud")
+    parser.add_argument(
+        "--seconds", type=float, metavar="S", help="stop after S seconds (default: no limit; Ctrl-C stops cleanly)"
+    )
+    camera = parser.add_argument_group(
+        "camera", "the stream's intrinsics (the PUB socket does not carry them); without them there is no point cloud"
+    )
     camera.add_argument("--fx", type=float, help="focal length in pixels of the frames as sent; with --fy, --cx, --cy")
     camera.add_argument("--fy", type=float)
     camera.add_argument("--cx", type=float)
     camera.add_argument("--cy", type=float)
-    camera.add_argument("--camera-info", type=Path, metavar="FILE.yaml", help="a ROS camera_info YAML (camera_calibration_parsers); K is scaled to each frame's size")
+    camera.add_argument(
+        "--camera-info",
+        type=Path,
+        metavar="FILE.yaml",
+        help="a ROS camera_info YAML (camera_calibration_parsers); K is scaled to each frame's size",
+    )
 
 
 def intrinsics_from_args(args: argparse.Namespace) -> IntrinsicsFor:

@@ -40,7 +40,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stream", action="append", required=True, metavar="NAME", help="a stream to show; repeat for more")
+    parser.add_argument(
+        "--stream", action="append", required=True, metavar="NAME", help="a stream to show; repeat for more"
+    )
     parser.add_argument("--save", metavar="FILE.rrd", help="write a rerun recording instead of opening a viewer")
     add_stream_options(parser)
     parser.set_defaults(func=cmd_view)
@@ -60,7 +62,9 @@ def recording(save: Optional[str]) -> Any:
     return stream
 
 
-def log_frame(rec: Any, entity: str, depth: np.ndarray, intrinsics: Optional[Intrinsics], rgb: Optional[np.ndarray] = None) -> None:
+def log_frame(
+    rec: Any, entity: str, depth: np.ndarray, intrinsics: Optional[Intrinsics], rgb: Optional[np.ndarray] = None
+) -> None:
     """Log one depth map in metres, float (H, W) under `entity` (see the module docstring):
     camera, depth image, the camera's RGB uint8 (H, W, 3) if given, and the coloured points."""
     import rerun as rr
@@ -95,6 +99,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     intrinsics_for = intrinsics_from_args(args)
     rec = recording(args.save)
     import rerun as rr  # present: recording() checked
+
     for name in args.stream:
         rec.log(f"world/{name}", rr.ViewCoordinates.RDF, static=True)
     dropped: dict[str, int] = dict.fromkeys(args.stream, 0)
@@ -122,5 +127,8 @@ def cmd_view(args: argparse.Namespace) -> int:
             shown += 1
     rec.flush()
     rec.disconnect()
-    print(f"zdepth: logged {shown} frames from {', '.join(args.stream)}" + (f" to {args.save}" if args.save else ""), file=sys.stderr)
+    print(
+        f"zdepth: logged {shown} frames from {', '.join(args.stream)}" + (f" to {args.save}" if args.save else ""),
+        file=sys.stderr,
+    )
     return 0

@@ -60,13 +60,17 @@ def download(
     expected_size = None if sha256 else info.get("size_bytes")
     target = Path(checkpoint_dir) / info["filename"]
     if target.exists():
-        problem = _mismatch(target.stat().st_size, _sha256_file(target) if expected_sha else None, expected_size, expected_sha)
+        problem = _mismatch(
+            target.stat().st_size, _sha256_file(target) if expected_sha else None, expected_size, expected_sha
+        )
         if problem:
             raise DownloadError(f"{target} exists but {problem}; delete it and run again to download it afresh")
         return target
     url = url or weights_url(encoder, dataset)
     if url is None:
-        raise DownloadError(f"{info['filename']} was never released officially, so there is no URL; pass --url or set {ENV_URL}")
+        raise DownloadError(
+            f"{info['filename']} was never released officially, so there is no URL; pass --url or set {ENV_URL}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     size, digest = _fetch(url, part, expected_size, progress, timeout)
@@ -78,7 +82,9 @@ def download(
     return target
 
 
-def fetch_missing(models: Iterable[tuple[str, str]], checkpoint_dir: str | os.PathLike, timeout: float = 30) -> list[Path]:
+def fetch_missing(
+    models: Iterable[tuple[str, str]], checkpoint_dir: str | os.PathLike, timeout: float = 30
+) -> list[Path]:
     """Download each (encoder, dataset) checkpoint that is not in `checkpoint_dir` yet (official
     file or Hugging Face folder), with `download`'s progress bar and checks; returns the paths
     fetched. When one cannot be fetched (offline, no URL) the DownloadError says what to do:
@@ -106,7 +112,9 @@ def fetch_missing(models: Iterable[tuple[str, str]], checkpoint_dir: str | os.Pa
     return fetched
 
 
-def _mismatch(size: int, digest: Optional[str], expected_size: Optional[int], expected_sha: Optional[str]) -> Optional[str]:
+def _mismatch(
+    size: int, digest: Optional[str], expected_size: Optional[int], expected_sha: Optional[str]
+) -> Optional[str]:
     if expected_size is not None and size != expected_size:
         return f"its size is {size} bytes, expected {expected_size}"
     if expected_sha is not None and digest != expected_sha:
@@ -135,7 +143,9 @@ def _fetch(url: str, part: Path, expected_size: Optional[int], progress: bool, t
                 digest.update(chunk)
         if have == expected_size:
             return have, digest.hexdigest()  # complete already; the caller verifies it
-    headers = {"User-Agent": "zdepth-weights/1", "Range": f"bytes={have}-"} if have else {"User-Agent": "zdepth-weights/1"}
+    headers = (
+        {"User-Agent": "zdepth-weights/1", "Range": f"bytes={have}-"} if have else {"User-Agent": "zdepth-weights/1"}
+    )
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -165,7 +175,9 @@ def _fetch(url: str, part: Path, expected_size: Optional[int], progress: bool, t
                     if bar:
                         bar.update(received)
         except OSError as exc:
-            raise DownloadError(f"{url}: download interrupted after {received} bytes ({exc}); run again to resume") from None
+            raise DownloadError(
+                f"{url}: download interrupted after {received} bytes ({exc}); run again to resume"
+            ) from None
         finally:
             if bar:
                 bar.close(received)
@@ -187,7 +199,11 @@ class _Progress:
             return
         self.last = now
         speed = (done - self.start) / max(now - self.t0, 1e-6) / 1e6
-        size = f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB {100 * done / self.total:3.0f}%" if self.total else f"{done / 1e6:.1f} MB"
+        size = (
+            f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB {100 * done / self.total:3.0f}%"
+            if self.total
+            else f"{done / 1e6:.1f} MB"
+        )
         sys.stderr.write(f"\r{self.name}: {size} {speed:.1f} MB/s")
         sys.stderr.flush()
 

@@ -38,7 +38,12 @@ HANG_EXIT_STATUS = 3
 WARM_UP_SHAPE = (64, 64, 3)  # the warm-up frame: uint8 BGR, its content irrelevant
 
 
-def warm_up_engine(engine: Any, preload: list, image_sizes: Sequence[tuple[int, int, int]] = (), default_dataset: str = P.DEFAULT_DATASET) -> None:
+def warm_up_engine(
+    engine: Any,
+    preload: list,
+    image_sizes: Sequence[tuple[int, int, int]] = (),
+    default_dataset: str = P.DEFAULT_DATASET,
+) -> None:
     """Run every `preload` model ("ENCODER:DATASET"; without any, the default encoder's
     `default_dataset` model) at each image size (height, width, input_size) and each batch bucket
     (`Engine.warm_up`: with --compile this builds the graphs), then one whole frame at the first
@@ -47,7 +52,9 @@ def warm_up_engine(engine: Any, preload: list, image_sizes: Sequence[tuple[int, 
     the first call builds kernels for that size, and at the smallest on a CPU, where only the
     path needs checking.
     Raises what loading or running raises (e.g. `model_unavailable` when no checkpoint exists)."""
-    models = [(encoder, dataset or default_dataset) for encoder, _, dataset in (item.partition(":") for item in preload)]
+    models = [
+        (encoder, dataset or default_dataset) for encoder, _, dataset in (item.partition(":") for item in preload)
+    ]
     models = models or [(engine.default_encoder, default_dataset)]
     if not image_sizes:
         image_sizes = [(*WARM_UP_SHAPE[:2], P.MIN_INPUT_SIZE if engine.device.type == "cpu" else P.DEFAULT_INPUT_SIZE)]
@@ -124,7 +131,9 @@ class Worker:
         poller.register(results, zmq.POLLIN)
         next_heartbeat = time.monotonic() + self.heartbeat_interval_s
         try:
-            while not self._stop.is_set() or compute.is_alive():  # after stop: heartbeats and replies until the batch is done
+            while (
+                not self._stop.is_set() or compute.is_alive()
+            ):  # after stop: heartbeats and replies until the batch is done
                 poller.register(self._socket, zmq.POLLIN)
                 events = dict(poller.poll(max(0, int((next_heartbeat - time.monotonic()) * 1000))))
                 if self._socket in events:
@@ -163,9 +172,14 @@ class Worker:
 
     def _state(self) -> dict:
         """What READY and each heartbeat tell the broker (broker/workers.py `worker_state`)."""
-        return {"models": self.engine.models_loaded(), "served": self.served, "ready": self.ready,
-                "warming": self.warming, "problem": self.problem,
-                "graphs": self.engine.graphs_built()}
+        return {
+            "models": self.engine.models_loaded(),
+            "served": self.served,
+            "ready": self.ready,
+            "warming": self.warming,
+            "problem": self.problem,
+            "graphs": self.engine.graphs_built(),
+        }
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid and not self._stop.is_set():
@@ -185,7 +199,14 @@ class Worker:
         sock.connect(self.connect)
         self._socket = sock
         self._broker_expiry = time.monotonic() + self.heartbeat_interval_s * self.liveness
-        info = dict(self.engine.describe(), **self._state(), name=self.name, capacity=self.max_batch, host=socket.gethostname(), pid=os.getpid())
+        info = dict(
+            self.engine.describe(),
+            **self._state(),
+            name=self.name,
+            capacity=self.max_batch,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
         self._send([P.W_READY, P.packb(info)])
         log.info("worker %s registering with %s", self.name, self.connect)
 
@@ -225,7 +246,10 @@ class Worker:
     def _check_hang(self, now: float) -> None:
         busy_since = self._busy_since
         if self.hang_timeout_s and busy_since is not None and now - busy_since > self.hang_timeout_s:
-            log.critical("compute stuck for %.0f s (over --hang-timeout); exiting so the supervisor restarts us", now - busy_since)
+            log.critical(
+                "compute stuck for %.0f s (over --hang-timeout); exiting so the supervisor restarts us",
+                now - busy_since,
+            )
             os._exit(HANG_EXIT_STATUS)
 
     # --- the compute thread ---------------------------------------------------------------
@@ -259,7 +283,9 @@ class Worker:
         try:
             self.warm_up()
         except Exception as exc:  # the worker still serves: requests for other models may work
-            self.problem = f"warm-up failed: {exc.message if isinstance(exc, P.ZDepthError) else f'{type(exc).__name__}: {exc}'}"
+            self.problem = (
+                f"warm-up failed: {exc.message if isinstance(exc, P.ZDepthError) else f'{type(exc).__name__}: {exc}'}"
+            )
             log.error("%s; the worker serves but is not ready", self.problem)
             return
         finally:
@@ -289,11 +315,15 @@ class Worker:
                 request_id = P.safe_id(header)
                 if task.deadline is not None and time.monotonic() > task.deadline:
                     raise P.ZDepthError(P.TIMEOUT, "deadline passed before compute started")
-                request = parse_predict(header, task.frames, default_encoder=self.engine.default_encoder, max_pixels=self.max_image_pixels)
+                request = parse_predict(
+                    header, task.frames, default_encoder=self.engine.default_encoder, max_pixels=self.max_image_pixels
+                )
                 started = time.perf_counter()
                 image = self._image(request, task.frames)
                 self.compute.check(image.shape[0], image.shape[1], request.input_size)  # before the model runs
-                request.intrinsics_for(image.shape[0], image.shape[1])  # a camera_info that does not fit fails here, not its batch
+                request.intrinsics_for(
+                    image.shape[0], image.shape[1]
+                )  # a camera_info that does not fit fails here, not its batch
                 ready.append((task, request_id, request, image, (time.perf_counter() - started) * 1000.0))
             except Exception as exc:
                 replies.append((task.ticket, self._error_frames(request_id, exc)))
@@ -336,7 +366,9 @@ class Worker:
 
         if request.image.url is not None:
             if self.fetch_url is None:
-                raise P.bad_request("`image_url` is disabled on this server (the operator enables it with --allow-url-host)")
+                raise P.bad_request(
+                    "`image_url` is disabled on this server (the operator enables it with --allow-url-host)"
+                )
             data = self.fetch_url(request.image.url)
             spec = dataclasses.replace(request.image, frame=1, format="png" if data[:4] == b"\x89PNG" else "jpeg")
             return decode_image(spec, [None, data], self.max_image_pixels, self.compute.max_jpeg_scans)

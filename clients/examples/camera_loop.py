@@ -37,7 +37,9 @@ def _ms(value: Optional[float]) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default="tcp://127.0.0.1:5555", help="broker request endpoint; stream ports are +1 and +2")
+    parser.add_argument(
+        "--server", default="tcp://127.0.0.1:5555", help="broker request endpoint; stream ports are +1 and +2"
+    )
     parser.add_argument("--ingress", default=None, help="camera ingress endpoint (default: server port + 1)")
     parser.add_argument("--results", default=None, help="results endpoint (default: server port + 2)")
     parser.add_argument("--source", default="0", help="camera index, video file or folder of images")
@@ -50,9 +52,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--fps", type=float, default=None, help="send at most this many frames per second")
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--jpeg-quality", type=int, default=None, help="JPEG-encode frames before sending (slow links)")
-    parser.add_argument("--save", type=Path, default=None, help="write colour-mapped depth PNGs here instead of a window")
-    parser.add_argument("--wait", type=float, default=10.0,
-                        help="when the source ends, wait up to this many seconds after the last result for the last frame's result")
+    parser.add_argument(
+        "--save", type=Path, default=None, help="write colour-mapped depth PNGs here instead of a window"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        help="when the source ends, wait up to this many seconds after the last result for the last frame's result",
+    )
     args = parser.parse_args(argv)
 
     import cv2  # the window and the PNG writer
@@ -69,12 +77,20 @@ def main(argv: Optional[list] = None) -> int:
         print("no display: pass --save DIR to keep the frames; printing statistics only")
 
     publisher = CameraPublisher(
-        ingress, stream=args.stream, key=args.key, method=args.method, max_depth=args.max_depth,
-        encoder=args.encoder, input_size=args.input_size, jpeg_quality=args.jpeg_quality,
+        ingress,
+        stream=args.stream,
+        key=args.key,
+        method=args.method,
+        max_depth=args.max_depth,
+        encoder=args.encoder,
+        input_size=args.input_size,
+        jpeg_quality=args.jpeg_quality,
     )
     subscriber = DepthSubscriber(results, [args.stream])
     stop = threading.Event()
-    camera = threading.Thread(target=publisher.run, args=(source,), kwargs={"fps": args.fps, "max_frames": args.max_frames, "stop": stop})
+    camera = threading.Thread(
+        target=publisher.run, args=(source,), kwargs={"fps": args.fps, "max_frames": args.max_frames, "stop": stop}
+    )
     camera.start()
 
     shown, last_report, last_result = 0, time.monotonic(), time.monotonic()
@@ -94,7 +110,11 @@ def main(argv: Optional[list] = None) -> int:
                 continue
             last_result = now
             # the last frame's result: the camera thread has offered every frame it will
-            last = not camera.is_alive() and result.seq is not None and result.seq >= publisher.sent + publisher.dropped_local - 1
+            last = (
+                not camera.is_alive()
+                and result.seq is not None
+                and result.seq >= publisher.sent + publisher.dropped_local - 1
+            )
             if not result.ok:
                 print(f"seq {result.seq}: {result.error}")
                 if last:

@@ -60,7 +60,9 @@ class DepthLink:
             if left <= 0:
                 return None
             self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(left * 1000)))  # recv raises zmq.Again after this
-            server_ms = max(1, int((left - min(SERVER_MARGIN_S, left / 5)) * 1000))  # the server gives up just before we do
+            server_ms = max(
+                1, int((left - min(SERVER_MARGIN_S, left / 5)) * 1000)
+            )  # the server gives up just before we do
             self.socket.send_multipart([msgpack.packb(dict(header, timeout_ms=server_ms)), payload])
             try:
                 frames = self.socket.recv_multipart()
@@ -104,7 +106,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--image", required=True, help="a JPEG or PNG standing in for the camera")
     parser.add_argument("--key", default=None, help="API key, when the server requires one")
     parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--intrinsics", type=float, nargs=4, default=[525.0, 525.0, 319.5, 239.5], metavar=("FX", "FY", "CX", "CY"))
+    parser.add_argument(
+        "--intrinsics", type=float, nargs=4, default=[525.0, 525.0, 319.5, 239.5], metavar=("FX", "FY", "CX", "CY")
+    )
     parser.add_argument("--max-depth", type=float, default=10.0, help="metres; the depth range the model is scaled to")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request, retries included")
     parser.add_argument("--retries", type=int, default=2)

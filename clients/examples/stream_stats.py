@@ -82,7 +82,9 @@ def _pct(values: list, q: float) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default="tcp://127.0.0.1:5555", help="broker request endpoint; results are on port + 2")
+    parser.add_argument(
+        "--server", default="tcp://127.0.0.1:5555", help="broker request endpoint; results are on port + 2"
+    )
     parser.add_argument("--results", default=None, help="results endpoint (default: derived from --server)")
     parser.add_argument("--streams", nargs="*", default=None, help="stream names (default: all)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between reports")

@@ -60,7 +60,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--intrinsics", type=Path, default=HERE / "camera.yaml")
     parser.add_argument("--key", default=None, help="API key (a profile may supply it)")
     parser.add_argument("--max-depth", type=float, default=None, help="metres; default: the model's range")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per call, retries included (default: the profile's, else the client's)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per call, retries included (default: the profile's, else the client's)",
+    )
     parser.add_argument("--out", type=Path, default=Path("zdepth-out"))
     args = parser.parse_args(argv)
 
@@ -69,7 +74,9 @@ def main(argv: Optional[list] = None) -> int:
     common = {"server": args.server, "api_key": args.key, "timeout": args.timeout}
 
     health = get_health(args.server, timeout=args.timeout)
-    print(f"health          {health['status']}  device {health['device']}  models {health['models_loaded']}  queue {health.get('queue')}")
+    print(
+        f"health          {health['status']}  device {health['device']}  models {health['models_loaded']}  queue {health.get('queue')}"
+    )
 
     started = time.perf_counter()
     cloud = predict_pointcloud(args.image, intrinsics, max_depth=args.max_depth, **common)
@@ -84,7 +91,10 @@ def main(argv: Optional[list] = None) -> int:
     relative = predict_relative_depth(args.image, **common)
     print(summary("relative_depth", relative, time.perf_counter() - started))
 
-    saved = [save_depth(metric["depth_map"], args.out / "metric_depth"), save_depth(relative["depth_map"], args.out / "relative_depth")]
+    saved = [
+        save_depth(metric["depth_map"], args.out / "metric_depth"),
+        save_depth(relative["depth_map"], args.out / "relative_depth"),
+    ]
     print("saved", ", ".join(str(p) for p in [args.out / "pointcloud.ply", *saved]))
 
     if args.key:

@@ -37,7 +37,9 @@ def columns(path: str, entity: str) -> dict:
 def main(path: str, stream: str, out: str) -> None:
     depth = columns(path, f"/world/{stream}/cam/depth")
     fmt = depth["DepthImage:format"][-1][0]
-    image = np.frombuffer(bytes(depth["DepthImage:buffer"][-1][0]), dtype=np.float32).reshape(fmt["height"], fmt["width"])
+    image = np.frombuffer(bytes(depth["DepthImage:buffer"][-1][0]), dtype=np.float32).reshape(
+        fmt["height"], fmt["width"]
+    )
     points = columns(path, f"/world/{stream}/points")
     xyz = np.asarray(points["Points3D:positions"][-1], dtype=np.float32)
     rgba = np.asarray(points["Points3D:colors"][-1], dtype=np.uint32)
@@ -64,7 +66,9 @@ def main(path: str, stream: str, out: str) -> None:
     ax.set_xlabel("frame (seq)")
     ax.set_ylabel("ms")
     drops = ax.twinx()
-    drops.step(metrics["dropped"]["frame"], [v[0] for v in metrics["dropped"]["Scalars:scalars"]], color="grey", where="post")
+    drops.step(
+        metrics["dropped"]["frame"], [v[0] for v in metrics["dropped"]["Scalars:scalars"]], color="grey", where="post"
+    )
     drops.set_ylabel("dropped (cumulative)", color="grey")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("latency and drops")

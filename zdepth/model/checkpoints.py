@@ -45,8 +45,10 @@ _TRAIN_WRAPPER_KEYS = {"model", "optimizer", "epoch", "previous_best"}
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
     )
 
 
@@ -81,8 +83,7 @@ def _load_pth(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: unreadable checkpoint (corrupt pickle: {exc})") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: {exc}); "
-            f"the download may be incomplete"
+            f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: {exc}); the download may be incomplete"
         ) from exc
 
     if isinstance(obj, Mapping) and set(obj) <= _TRAIN_WRAPPER_KEYS and "model" in obj:
@@ -90,7 +91,7 @@ def _load_pth(path: Path) -> dict[str, Tensor]:
         if _is_tensor_mapping(inner):
             keys = list(inner)
             if all(k.startswith("module.") for k in keys):
-                inner = {k[len("module."):]: v for k, v in inner.items()}
+                inner = {k[len("module.") :]: v for k, v in inner.items()}
             return dict(inner)
     if not _is_tensor_mapping(obj):
         if isinstance(obj, Mapping):

@@ -229,9 +229,7 @@ class DinoVisionTransformer(nn.Module):
             tokens = block(tokens)
             if i in wanted:
                 outputs.append(tokens)
-        return [
-            self.norm(t)[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, gh, gw) for t in outputs
-        ]
+        return [self.norm(t)[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, gh, gw) for t in outputs]
 
 
 # --------------------------------------------------------------------------------------------
