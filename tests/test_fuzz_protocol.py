@@ -124,6 +124,13 @@ def test_huge_and_wrong_shapes(dtype, shape, frame_bytes):
         assert array.nbytes == frame_bytes and list(array.shape) == shape
 
 
+def test_empty_shape_too_big_for_numpy_is_refused():
+    """No bytes, yet numpy refuses the shape (found by hypothesis): a clear error, not a ValueError."""
+    with pytest.raises(P.ZDepthError, match="cannot make an array") as info:
+        P.array_from_frames({"frame": 1, "dtype": "float16", "shape": [0, 132, 186906338, 186922582]}, [b"h", b""])
+    assert info.value.code == P.BAD_REQUEST
+
+
 def test_shape_that_wraps_int64_is_refused():
     """2**32 x 2**32 wraps to 0 in int64 arithmetic: it must not be taken for an empty frame."""
     with pytest.raises(P.ZDepthError):

@@ -338,7 +338,10 @@ def array_from_frames(desc: Any, frames: Sequence, what: str = "array") -> np.nd
         raise bad_request(
             f"{what}: shape {list(shape)} of {dtype} needs {expected} bytes, frame {index} has {len(buffer)}"
         )
-    array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. [0, 2**30, 2**30, 2**30]: no bytes, but numpy refuses the shape itself
+        raise bad_request(f"{what}: numpy cannot make an array of shape {short_repr(list(shape))}") from None
     if filter_ == "delta_row":
         array = undelta_rows(array)
     array.flags.writeable = False  # a view on the message (or on our only copy): copy it to write
