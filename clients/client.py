@@ -8,12 +8,14 @@ Modelled on httpx/requests: a few obvious methods, errors as exceptions, numpy a
         cloud = client.pointcloud(frame_bgr, {"fx": 525, "fy": 525, "cx": 319.5, "cy": 239.5})
         cloud.points                                          # float32 (H*W, 3)
 
-Arrays in results are read-only `np.frombuffer` views on the received ZeroMQ frames: nothing
-is copied on the way in. Call `.copy()` on one before writing to it. A view keeps its whole
-reply message alive, so copy what you keep long-term if memory matters.
+Replies come compact by default (uint16 mm depth, zstd toward other hosts) and are turned
+into float32 metres here. Arrays that arrive as uncompressed float32 are read-only
+`np.frombuffer` views on the received ZeroMQ frames, with nothing copied on the way in: call
+`.copy()` on one before writing to it, and copy what you keep long-term (a view keeps its
+whole reply message alive).
 
-Only pyzmq, msgpack and numpy are needed; never torch or OpenCV. PIL is imported lazily,
-and only to encode arrays as JPEG/PNG or to colour a cloud computed on the client.
+Only pyzmq, msgpack, numpy and zstandard are needed; never torch or OpenCV. PIL is imported
+lazily, and only to encode arrays as JPEG/PNG or to colour a cloud computed on the client.
 """
 
 from __future__ import annotations
