@@ -1,4 +1,4 @@
-"""zdepth clients: ask a zdepth server for depth from anywhere, with pyzmq, msgpack and numpy only.
+"""zdepth clients: ask a zdepth server for depth from anywhere, with pyzmq, msgpack, numpy and zstandard only.
 
     from clients import DepthClient
     with DepthClient("tcp://gpu-server:5555") as client:
