@@ -543,16 +543,18 @@ def test_a_request_lost_with_a_dropped_connection_is_resent_at_once():
         first.close()  # dies with the request
         time.sleep(0.3)
         second = ctx.socket(zmq.ROUTER)
-        second.setsockopt(zmq.LINGER, 0)
+        second.setsockopt(zmq.LINGER, 2000)  # the reply must leave before the socket closes
         second.bind(f"tcp://127.0.0.1:{port}")
         try:
             assert second.poll(10_000)
             identity, _, header, *_ = second.recv_multipart()
             seen.append(P.unpackb(header))
             second.send_multipart([identity, b"", P.packb(P.ok_header(seen[-1]["id"], status="healthy"))])
+            answered.wait(10)  # stay up until the client has its reply
         finally:
             second.close()
 
+    answered = threading.Event()
     thread = threading.Thread(target=broker)
     thread.start()
     try:
@@ -561,5 +563,6 @@ def test_a_request_lost_with_a_dropped_connection_is_resent_at_once():
             assert client.health()["status"] == "healthy"
             assert time.monotonic() - started < 5, "the lost request must be resent at once, not after the budget"
     finally:
+        answered.set()
         thread.join()
     assert len(seen) == 2 and seen[0]["id"] == seen[1]["id"]
