@@ -46,12 +46,14 @@ from bench.common import (
 from bench.latency import (
     DEFAULT_INPUT_SIZE,
     PREDICT_METHODS,
+    ROW_COLUMNS,
     VARIANTS,
     BareClient,
     Connections,
     find,
     floor_case,
     print_breakdown,
+    print_rows,
     reply_bytes,
     rows_of,
     wire_goals,
@@ -188,7 +190,7 @@ def run(args) -> dict:
     rows = rows_of(results)
     width, height = size
     title = f"Overhead, {width}x{height} JPEG ({len(jpeg)} B), vits input_size {args.input_size}, 1 worker thread per server"
-    table = print_detail(title, rows)
+    table = print_rows(title, rows, [c for c in ROW_COLUMNS if c not in ("rt p90", "rt p99")])
     summary = print_summary(rows)
     breakdown = print_breakdown(rows)
     bare, client = find(rows, "zdepth", "pointcloud", variant=BARE_VARIANT), find(rows, "zdepth", "pointcloud")
@@ -222,33 +224,6 @@ def run(args) -> dict:
         },
     )
     return {"rows": rows, "goals": goals}
-
-
-def print_detail(title: str, rows: list) -> str:
-    columns = [
-        "configuration",
-        "reply MB",
-        "rt p50",
-        "compute p50",
-        "overhead p50",
-        "overhead p90",
-        "overhead p99",
-        "overhead / floor",
-    ]
-    table = [
-        (
-            r["label"],
-            round(r["reply_bytes"] / 1e6, 2),
-            r["rt_p50"],
-            r["compute_p50"],
-            r["overhead_p50"],
-            r["overhead_p90"],
-            r["overhead_p99"],
-            r.get("overhead_vs_floor"),
-        )
-        for r in rows
-    ]
-    return print_table(f"{title} (ms)", columns, table)
 
 
 def print_summary(rows: list) -> str:
