@@ -48,19 +48,21 @@ class RangeHandler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        # `sent` is counted before each write: once the client has read the bytes, the test may
+        # look at the count, and this thread may not have run again yet.
         if server.pause_after is not None:
+            server.sent += len(body)
             self.wfile.write(body[: server.pause_after])
             self.wfile.flush()
             server.halfway.set()
             server.resume.wait(10)
             self.wfile.write(body[server.pause_after :])
-            server.sent += len(body)
         elif server.cut_after is not None:
-            self.wfile.write(body[: server.cut_after])
             server.sent += server.cut_after
+            self.wfile.write(body[: server.cut_after])
         else:
-            self.wfile.write(body)
             server.sent += len(body)
+            self.wfile.write(body)
 
     def log_message(self, *args):
         pass
