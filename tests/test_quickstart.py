@@ -105,7 +105,11 @@ def test_make_serve_then_zdepth_depth(tmp_path, image):
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        try:
+            server.wait(60)  # a drain may take up to --drain-timeout (30 s); test_operability times it
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
         log.close()
 
 
